@@ -1,0 +1,129 @@
+"""Settings for the demo project that exercises verity_django.
+
+The environment picks the engines, so the same project runs the demo (SQLite,
+one process, in-process delivery) and the real-process tests (PostgreSQL,
+Redis, Pushpin):
+
+- ``VERITY_DATABASE_URL``: ``postgres://user@host:port/name``; SQLite otherwise.
+- ``VERITY_SQLITE_PATH``: where the SQLite file lives (default ``db.sqlite3``).
+- ``VERITY_REDIS``: ``host:port`` of a redis-server for cross-process fan-out
+  and event storage.
+- ``VERITY_GRIP_URL``: the control URL of a Pushpin proxy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "verity-demo-not-secret")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"]
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_eventstream",
+    "verity_django",
+    "testproject.todos.apps.TodosConfig",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "verity_django.middleware.DirectiveMiddleware",
+]
+
+ROOT_URLCONF = "testproject.urls"
+ASGI_APPLICATION = "testproject.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "testproject" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+            ]
+        },
+    }
+]
+
+
+def _database() -> dict[str, object]:
+    url = os.environ.get("VERITY_DATABASE_URL")
+    if not url:
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("VERITY_SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
+            # Several processes (server, management commands) write one file.
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+        }
+    parts = urlsplit(url)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": parts.path.lstrip("/"),
+        "USER": parts.username or "",
+        "PASSWORD": parts.password or "",
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+    }
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "testproject" / "static"]
+
+USE_TZ = True
+TIME_ZONE = "UTC"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+}
+
+EVENTSTREAM_STORAGE_CLASS = "verity_django.storage.DatabaseStorage"
+EVENTSTREAM_CHANNELMANAGER_CLASS = "verity_django.audiences.AudienceChannelManager"
+
+_redis = os.environ.get("VERITY_REDIS")
+if _redis:
+    _host, _, _port = _redis.rpartition(":")
+    EVENTSTREAM_REDIS = {"host": _host, "port": int(_port), "db": 0}
+    EVENTSTREAM_STORAGE_CLASS = "verity_django.storage.RedisStorage"
+    EVENTSTREAM_STORAGE_CONNECTION = EVENTSTREAM_REDIS
+
+_grip = os.environ.get("VERITY_GRIP_URL")
+if _grip:
+    GRIP_URL = _grip
+    MIDDLEWARE.insert(0, "django_grip.GripMiddleware")
+
+VERITY: dict[str, object] = {
+    "ENABLED": os.environ.get("VERITY_ENABLED", "1") == "1",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "verity_django": {"handlers": ["console"], "level": "INFO"},
+        "django_eventstream": {"handlers": ["console"], "level": "WARNING"},
+    },
+}

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class VerityDjangoConfig(AppConfig):
+    name = "verity_django"
+    verbose_name = "Verity directives"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from verity_django import checks, registry
+
+        checks.register_checks()
+        registry.load_meta_rules()

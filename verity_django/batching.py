@@ -1,0 +1,265 @@
+"""Gather directives per transaction and per request, deduplicate them, and
+hand each finished batch on once its changes are committed.
+
+A change registers its directives with ``transaction.on_commit``, so Django
+itself drops what a rolled-back transaction or savepoint added. Committed
+directives land in the current *scope*: the request's batch (opened by the
+middleware), an explicit ``with batch():``, or, outside both, one implicit
+batch per outermost transaction. A scope publishes when it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, connections
+
+from verity_django import directives as d
+from verity_django.audiences import GLOBAL, validate_audience
+from verity_django.conf import conf
+from verity_django.rules import Routed
+
+logger = logging.getLogger(__name__)
+
+_scope: ContextVar[Batch | None] = ContextVar("verity_batch", default=None)
+_disabled: ContextVar[bool] = ContextVar("verity_disabled", default=False)
+
+
+@dataclass
+class _Entry:
+    directive: d.Directive
+    audiences: set[str]
+    collapse_to: tuple[str, ...]
+
+
+@dataclass
+class Batch:
+    """Deduplicated directives waiting to be delivered together."""
+
+    source: str | None = None
+    closed: bool = False
+    _entries: dict[tuple[Any, ...], _Entry] = field(default_factory=dict)
+
+    def add(self, routed: Iterable[Routed]) -> None:
+        for item in routed:
+            key = item.directive.identity
+            entry = self._entries.get(key)
+            if entry is None:
+                self._entries[key] = _Entry(item.directive, set(item.audiences), item.collapse_to)
+                continue
+            entry.audiences |= item.audiences
+            if item.directive.result is not None:
+                # The newest state wins, under the key clients may already know.
+                entry.directive = item.directive.with_metadata(
+                    idempotency_key=entry.directive.idempotency_key
+                )
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def _final_entries(self) -> list[_Entry]:
+        entries = list(self._entries.values())
+        threshold = conf.COLLAPSE_THRESHOLD
+        counts: dict[str, int] = {}
+        for e in entries:
+            if e.directive.op == "refresh_item" and e.collapse_to:
+                counts[e.directive.name or ""] = counts.get(e.directive.name or "", 0) + 1
+        crowded = {name for name, n in counts.items() if n > threshold}
+        if not crowded:
+            return entries
+        kept: list[_Entry] = []
+        replacements: dict[str, _Entry] = {}
+        for e in entries:
+            if e.directive.op == "refresh_item" and e.directive.name in crowded and e.collapse_to:
+                for target in e.collapse_to:
+                    repl = replacements.get(target)
+                    if repl is None:
+                        repl = _Entry(_stamp(d.refresh_collection(target), self.source), set(), ())
+                        replacements[target] = repl
+                    repl.audiences |= e.audiences
+                continue
+            kept.append(e)
+        merged = {e.directive.identity: e for e in kept}
+        for repl in replacements.values():
+            existing = merged.get(repl.directive.identity)
+            if existing is not None:
+                existing.audiences |= repl.audiences
+            else:
+                merged[repl.directive.identity] = repl
+        return list(merged.values())
+
+    def directives(self) -> list[d.Directive]:
+        """Every directive of the batch once, as the pull path returns them."""
+        entries = self._final_entries()
+        whole = {e.directive.name for e in entries if _is_whole_collection(e.directive)}
+        return [e.directive for e in entries if not _is_subsumed(e.directive, whole)]
+
+    def by_audience(self) -> dict[str, list[d.Directive]]:
+        """The directives of each audience, as the push path publishes them."""
+        out: dict[str, list[d.Directive]] = {}
+        for e in self._final_entries():
+            for audience in sorted(e.audiences):
+                out.setdefault(audience, []).append(e.directive)
+        for audience, items in out.items():
+            whole = {x.name for x in items if _is_whole_collection(x)}
+            out[audience] = [x for x in items if not _is_subsumed(x, whole)]
+        return out
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._entries:
+            from verity_django.publishing import deliver
+
+            deliver(self)
+
+
+def _is_whole_collection(x: d.Directive) -> bool:
+    return x.op == "refresh_collection" and not x.params
+
+
+def _is_subsumed(x: d.Directive, whole: set[str | None]) -> bool:
+    return x.op == "refresh_collection" and bool(x.params) and x.name in whole
+
+
+def current() -> Batch | None:
+    return _scope.get()
+
+
+@contextmanager
+def batch(*, source: str | None = None) -> Iterator[Batch]:
+    """Deliver everything committed inside the block as one batch at its end.
+
+    Nested blocks join the outermost one.
+    """
+    outer = _scope.get()
+    if outer is not None:
+        yield outer
+        return
+    scope = Batch(source=source)
+    token = _scope.set(scope)
+    try:
+        yield scope
+    finally:
+        _scope.reset(token)
+        scope.close()
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Produce no directive inside the block (data migrations, imports)."""
+    token = _disabled.set(True)
+    try:
+        yield
+    finally:
+        _disabled.reset(token)
+
+
+def is_disabled() -> bool:
+    return _disabled.get()
+
+
+def emit(
+    directive: d.Directive,
+    audience: str | Iterable[str] = GLOBAL,
+    *,
+    using: str | None = None,
+) -> None:
+    """Send a hand-written directive, batched and delivered like the others."""
+    if not isinstance(directive, d.Directive):
+        raise TypeError(f"emit() takes a Directive, got {type(directive).__name__}")
+    audiences = [audience] if isinstance(audience, str) else list(audience)
+    for a in audiences:
+        validate_audience(a)
+    if not conf.ENABLED or is_disabled():
+        return
+    collect([Routed(directive, frozenset(audiences))], using=using)
+
+
+def collect(routed: list[Routed], *, using: str | None = None) -> None:
+    """Add directives of a change; they count once the change is committed."""
+    if not routed:
+        return
+    scope = _scope.get()
+    source = scope.source if scope is not None else None
+    routed = [Routed(_stamp(r.directive, source), r.audiences, r.collapse_to) for r in routed]
+    connection = connections[using or DEFAULT_DB_ALIAS]
+    if not _in_transaction(connection):
+        _deliver_to(scope, routed)
+        return
+    target = scope if scope is not None else _transaction_batch(connection)
+    connection.on_commit(partial(_deliver_to, target, routed))
+    if scope is None:
+        _keep_flush_last(connection)
+
+
+def _stamp(directive: d.Directive, source: str | None) -> d.Directive:
+    changes: dict[str, Any] = {}
+    if directive.idempotency_key is None:
+        changes["idempotency_key"] = d.new_idempotency_key()
+    if directive.timestamp is None:
+        changes["timestamp"] = d.now_ms()
+    if source is not None and directive.source is None and directive.op != "force_reload_page":
+        changes["source"] = source
+    return directive.with_metadata(**changes) if changes else directive
+
+
+def _deliver_to(scope: Batch | None, routed: list[Routed]) -> None:
+    if scope is not None and not scope.closed:
+        scope.add(routed)
+        return
+    single = Batch(source=scope.source if scope is not None else None)
+    single.add(routed)
+    single.close()
+
+
+def _in_transaction(connection: Any) -> bool:
+    """In an atomic block that will commit; a TestCase's own wrapping blocks
+    never commit, so changes made directly inside them count as committed."""
+    if not connection.in_atomic_block:
+        return False
+    return not all(getattr(a, "_from_testcase", False) for a in connection.atomic_blocks)
+
+
+# An implicit batch collects one outermost transaction outside any scope. Its
+# flush callback is registered with no savepoint ids, so a savepoint rollback
+# never discards it (Django drops only callbacks tagged with that savepoint),
+# and it is kept after every directive callback so that it runs last.
+_FLUSH_ATTR = "_verity_transaction_batch"
+
+
+def _transaction_batch(connection: Any) -> Batch:
+    state = getattr(connection, _FLUSH_ATTR, None)
+    if state is not None and any(entry[1] is state[1] for entry in connection.run_on_commit):
+        return state[0]  # type: ignore[no-any-return]
+    scope = Batch()
+    flush = partial(_flush_transaction_batch, connection, scope)
+    setattr(connection, _FLUSH_ATTR, (scope, flush))
+    connection.run_on_commit.append((set(), flush, False))
+    return scope
+
+
+def _keep_flush_last(connection: Any) -> None:
+    state = getattr(connection, _FLUSH_ATTR, None)
+    if state is None:
+        return
+    hooks = connection.run_on_commit
+    for index, entry in enumerate(hooks):
+        if entry[1] is state[1]:
+            if index != len(hooks) - 1:
+                hooks.append(hooks.pop(index))
+            return
+
+
+def _flush_transaction_batch(connection: Any, scope: Batch) -> None:
+    state = getattr(connection, _FLUSH_ATTR, None)
+    if state is not None and state[0] is scope:
+        setattr(connection, _FLUSH_ATTR, None)
+    scope.close()

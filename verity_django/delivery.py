@@ -1,0 +1,197 @@
+"""Wake this process's SSE listeners for every stored envelope, in seq order,
+whichever process stored it.
+
+django-eventstream's default in-process delivery only sees ``send_event``
+calls made in the same process, and queues them in the order threads happen
+to reach it. Without Redis pub/sub, each server process instead runs one
+*tailer* task on its event loop. It follows the storage for the channels
+that have listeners here and hands their events to django-eventstream's
+listener manager strictly by id:
+
+- an envelope published in this process is offered directly and dispatched
+  at once when it is the next id;
+- anything else (another process, a management command, a shell, a Celery
+  worker, or an offer that arrived out of order) is read back from storage,
+  one query for all channels every ``POLL_INTERVAL`` seconds.
+
+With ``EVENTSTREAM_REDIS`` set, django-eventstream's Redis listener delivers
+instead, and no tailer runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from django_eventstream.event import Event
+
+from verity_django.conf import conf
+
+logger = logging.getLogger(__name__)
+
+_PAGE = 100
+T = TypeVar("T")
+
+
+class Tailer:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.positions: dict[str, int] = {}
+        self._offers: list[tuple[str, Event]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # One thread, so the tailer holds one database connection per process.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verity-tailer")
+
+    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        return await self.loop.run_in_executor(self._executor, func, *args)
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._run(), name="verity-tailer")
+
+    def track(self, starts: dict[str, int]) -> None:
+        """Follow channels from ids a new listener starts at.
+
+        Never moving a position forward here means a listener added at id N
+        is handed every event after N; its stream drops what it already read.
+        """
+        for channel, start in starts.items():
+            known = self.positions.get(channel)
+            self.positions[channel] = start if known is None else min(known, start)
+        self.start()
+
+    def offer_threadsafe(self, channel: str, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self._offer, channel, event)
+
+    def _offer(self, channel: str, event: Event) -> None:
+        self._offers.append((channel, event))
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=conf.POLL_INTERVAL)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._step()
+            except Exception:
+                logger.exception("verity_django: delivery from storage failed; retrying")
+                await asyncio.sleep(conf.POLL_INTERVAL)
+
+    async def _step(self) -> None:
+        active = self._active_channels()
+        for channel in list(self.positions):
+            if channel not in active:
+                del self.positions[channel]
+        offers, self._offers = self._offers, []
+        behind: set[str] = set()
+        for channel, event in offers:
+            position = self.positions.get(channel)
+            if position is None:
+                continue
+            event_id = int(event.id)
+            if event_id == position + 1:
+                self._dispatch(channel, [event])
+            elif event_id > position + 1:
+                behind.add(channel)
+        if not offers or behind:
+            behind |= await self._channels_behind()
+        for channel in behind:
+            await self._catch_up(channel)
+
+    async def _channels_behind(self) -> set[str]:
+        channels = list(self.positions)
+        if not channels:
+            return set()
+        current = await self._in_thread(_current_ids, channels)
+        return {c for c in channels if current.get(c, 0) > self.positions.get(c, 0)}
+
+    async def _catch_up(self, channel: str) -> None:
+        while channel in self.positions:
+            position = self.positions[channel]
+            events, skip_to = await self._in_thread(_events_after, channel, position)
+            if skip_to is not None:
+                self.positions[channel] = skip_to
+                continue
+            if not events:
+                return
+            self._dispatch(channel, events)
+            if len(events) < _PAGE:
+                return
+
+    def _dispatch(self, channel: str, events: list[Event]) -> None:
+        from django_eventstream.views import get_listener_manager
+
+        manager = get_listener_manager()
+        for event in events:
+            manager.add_to_queues(channel, event)
+        self.positions[channel] = int(events[-1].id)
+
+    @staticmethod
+    def _active_channels() -> set[str]:
+        from django_eventstream.views import get_listener_manager
+
+        manager = get_listener_manager()
+        with manager.lock:
+            return set(manager.listeners_by_channel)
+
+
+def _current_ids(channels: Iterable[str]) -> dict[str, int]:
+    from verity_django.publishing import storage
+
+    with _fresh_connection_on_error():
+        return storage().get_current_ids(channels)
+
+
+def _events_after(channel: str, position: int) -> tuple[list[Event], int | None]:
+    from django_eventstream.storage import EventDoesNotExist
+
+    from verity_django.publishing import storage
+
+    with _fresh_connection_on_error():
+        try:
+            return list(storage().get_events(channel, position, limit=_PAGE)), None
+        except EventDoesNotExist as exc:
+            # Trimmed from storage: skip ahead; clients see the seq jump and resync.
+            logger.warning("verity_django: %s; skipping to %s", exc, exc.current_id)
+            return [], int(exc.current_id)
+
+
+class _fresh_connection_on_error:
+    """A failed query may leave this thread's connection unusable (a database
+    restart, say); drop it so that the next poll reconnects."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if kind is not None:
+            from django.db import connections
+
+            connections.close_all()
+
+
+_tailer: Tailer | None = None
+
+
+def tailer() -> Tailer:
+    """This process's tailer, bound to the running event loop."""
+    global _tailer
+    loop = asyncio.get_running_loop()
+    if _tailer is None or _tailer.loop is not loop or loop.is_closed():
+        _tailer = Tailer(loop)
+    return _tailer
+
+
+def offer(channel: str, event: Event) -> None:
+    """Hand a just-stored event to this process's tailer, if it runs."""
+    current: Any = _tailer
+    if current is None or current.loop.is_closed():
+        return
+    current.offer_threadsafe(channel, event)

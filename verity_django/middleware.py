@@ -1,0 +1,113 @@
+"""Open one directive batch per request, inject the pull copy into the
+response, and publish the push copy when the response is ready.
+
+DRF responses are edited in ``process_template_response``, which Django
+calls after the view (and an ``ATOMIC_REQUESTS`` commit) but before the
+response is rendered, so ``response.data`` simply gains a key. Other JSON
+responses are rewritten on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+
+from verity_django import batching, pull
+from verity_django.conf import conf
+
+_INJECTED = "_verity_directives_injected"
+
+
+class DirectiveMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(
+        self,
+        get_response: Callable[[HttpRequest], HttpResponseBase]
+        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
+    ) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(self.get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        if not conf.ENABLED:
+            return self.get_response(request)  # type: ignore[return-value]
+        scope = batching.Batch(source=pull.client_id(request))
+        token = batching._scope.set(scope)
+        request.verity_batch = scope  # type: ignore[attr-defined]
+        try:
+            response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
+            self._inject_json(request, response)
+        finally:
+            batching._scope.reset(token)
+            scope.close()
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        if not conf.ENABLED:
+            return await self.get_response(request)  # type: ignore[no-any-return,misc]
+        scope = batching.Batch(source=pull.client_id(request))
+        token = batching._scope.set(scope)
+        request.verity_batch = scope  # type: ignore[attr-defined]
+        try:
+            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+            self._inject_json(request, response)
+        finally:
+            batching._scope.reset(token)
+            if scope:
+                await sync_to_async(scope.close)()
+            else:
+                scope.closed = True
+        return response
+
+    def process_template_response(self, request: HttpRequest, response: Any) -> Any:
+        if not hasattr(response, "data") or not conf.ENABLED:
+            return response
+        if not (conf.INJECT_DRF_RESPONSES or getattr(response, "verity_inject", False)):
+            return response
+        if not pull.wants_directives(request):
+            return response
+        items = pull.directives_for(request)
+        if response.data is None and response.status_code == 204:
+            response.status_code = 200
+            response.data = {"directives": items}
+        elif isinstance(response.data, dict):
+            response.data = {**response.data, "directives": items}
+        else:
+            return response
+        setattr(response, _INJECTED, True)
+        return response
+
+    @staticmethod
+    def _inject_json(request: HttpRequest, response: HttpResponseBase) -> None:
+        if getattr(response, _INJECTED, False) or hasattr(response, "data"):
+            return
+        if response.streaming or not isinstance(response, HttpResponse):
+            return
+        if not pull.wants_directives(request):
+            return
+        if response.status_code == 204 and not response.content:
+            items = pull.directives_for(request)
+            response.status_code = 200
+            response["Content-Type"] = "application/json"
+            response.content = json.dumps({"directives": items}).encode()
+            return
+        if not response.get("Content-Type", "").startswith("application/json"):
+            return
+        try:
+            body = json.loads(response.content)
+        except ValueError:
+            return
+        if not isinstance(body, dict):
+            return
+        body["directives"] = pull.directives_for(request)
+        response.content = json.dumps(body).encode()

@@ -1,0 +1,210 @@
+"""Declarative directive rules and the pure function from a change to directives.
+
+Rules name fields; :func:`evaluate` reads those fields from two plain dicts
+(the values when the instance was loaded, and the values now). It never
+touches the database, so evaluating rules on a save costs no query.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import uuid
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from verity_django import directives as d
+
+Event = Literal["create", "update", "delete"]
+EVENTS: frozenset[str] = frozenset({"create", "update", "delete"})
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "<missing>"})()
+
+ResultBuilder = Callable[[Any], Any]
+KeyBuilder = Callable[[Any, str], str]
+
+
+@dataclass(frozen=True)
+class RefreshItem:
+    """Refresh one item when the instance changes.
+
+    ``id`` names the field holding the item's id: ``"pk"`` (the default) is the
+    instance itself; a foreign key such as ``"project"`` or ``"project_id"``
+    refreshes a related item. The instance's own item is refreshed on update
+    only (a new item has nothing cached, a deleted one is gone); a related
+    item is refreshed on every event, for both the old and the new id.
+    """
+
+    name: str
+    id: str = "pk"
+    on: Collection[str] | None = None
+    level: str | None = None
+    result: ResultBuilder | None = None
+    result_level: str | None = None
+    collection: str | Sequence[str] | None = None
+    idempotency_key: KeyBuilder | None = None
+
+    def fields(self) -> tuple[str, ...]:
+        return (self.id,)
+
+    @property
+    def is_self(self) -> bool:
+        return self.id == "pk"
+
+    def events(self) -> frozenset[str]:
+        if self.on is not None:
+            return frozenset(self.on)
+        return frozenset({"update"}) if self.is_self else EVENTS
+
+
+@dataclass(frozen=True)
+class RefreshCollection:
+    """Refresh a collection; ``params`` maps query params to fields.
+
+    ``params=["status"]`` is short for ``params={"status": "status"}``. When a
+    params field changes, both the old and the new collection are refreshed.
+    """
+
+    name: str
+    params: Sequence[str] | Mapping[str, str] | None = None
+    mode: str = "exact"
+    on: Collection[str] | None = None
+    idempotency_key: KeyBuilder | None = None
+
+    def param_fields(self) -> dict[str, str]:
+        if self.params is None:
+            return {}
+        if isinstance(self.params, Mapping):
+            return dict(self.params)
+        return {name: name for name in self.params}
+
+    def fields(self) -> tuple[str, ...]:
+        return tuple(self.param_fields().values())
+
+    def events(self) -> frozenset[str]:
+        return frozenset(self.on) if self.on is not None else EVENTS
+
+
+Rule = RefreshItem | RefreshCollection
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A directive and the audiences it is published to."""
+
+    directive: d.Directive
+    audiences: frozenset[str]
+    collapse_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BoundRule:
+    """A rule whose field names were resolved to attribute names at start-up."""
+
+    rule: Rule
+    attnames: Mapping[str, str] = field(default_factory=dict)
+    collapse_to: tuple[str, ...] = ()
+
+
+def to_json_value(value: Any) -> Any:
+    """Field values as they appear in params and ids on the wire."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return str(value)
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    return str(value)
+
+
+def evaluate(
+    bound: BoundRule,
+    event: str,
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any] | None,
+    *,
+    instance: Any = None,
+) -> Iterator[tuple[d.Directive, tuple[str, ...]]]:
+    """Yield the directives one rule produces for one change.
+
+    ``old`` is None on create, ``new`` is None on delete. Values missing from
+    ``old`` (deferred fields) are unknown, and an unknown old params value
+    falls back to refreshing the whole collection rather than guessing.
+    """
+    rule = bound.rule
+    if event not in rule.events():
+        return
+    if isinstance(rule, RefreshItem):
+        if rule.is_self and event == "delete":
+            return
+        attname = bound.attnames[rule.id]
+        ids: list[Any] = []
+        for values in (old, new) if event == "update" else (old if event == "delete" else new,):
+            value = MISSING if values is None else values.get(attname, MISSING)
+            if value is not MISSING and value is not None and value not in ids:
+                ids.append(value)
+        if rule.is_self and new is not None:
+            ids = [new[attname]]
+        for item_id in ids:
+            result = None
+            if rule.result is not None and instance is not None and event != "delete":
+                result = _result_payload(rule, instance) if item_id == _pk_of(instance) else None
+            yield (
+                d.refresh_item(
+                    rule.name,
+                    to_json_value(item_id),
+                    level=rule.level,
+                    result=result,
+                    idempotency_key=_key(rule, instance, event),
+                ),
+                bound.collapse_to,
+            )
+        return
+
+    param_fields = rule.param_fields()
+    if not param_fields:
+        yield d.refresh_collection(rule.name, idempotency_key=_key(rule, instance, event)), ()
+        return
+    states = (old, new) if event == "update" else ((old,) if event == "delete" else (new,))
+    seen: list[dict[str, Any]] = []
+    for values in states:
+        if values is None:
+            continue
+        params: dict[str, Any] = {}
+        for param, field_name in param_fields.items():
+            value = values.get(bound.attnames[field_name], MISSING)
+            if value is MISSING:
+                yield d.refresh_collection(rule.name, idempotency_key=_key(rule, instance, event)), ()
+                return
+            params[param] = to_json_value(value)
+        if params not in seen:
+            seen.append(params)
+    for params in seen:
+        yield (
+            d.refresh_collection(
+                rule.name,
+                params,
+                params_mode=rule.mode,
+                idempotency_key=_key(rule, instance, event),
+            ),
+            (),
+        )
+
+
+def _pk_of(instance: Any) -> Any:
+    return instance.pk
+
+
+def _key(rule: Rule, instance: Any, event: str) -> str | None:
+    if rule.idempotency_key is None or instance is None:
+        return None
+    return rule.idempotency_key(instance, event)
+
+
+def _result_payload(rule: RefreshItem, instance: Any) -> Any:
+    assert rule.result is not None
+    data = rule.result(instance)
+    payload: dict[str, Any] = {"data": data, "ts": d.now_ms()}
+    if rule.result_level is not None:
+        payload["level"] = rule.result_level
+    return payload

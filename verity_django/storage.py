@@ -1,0 +1,241 @@
+"""django-eventstream storages whose event id *is* the envelope's seq.
+
+An envelope must carry its seq inside its data, but django-eventstream
+assigns the id only after it has serialized the data. These storages take
+the data in two halves and write ``head + str(id) + tail`` in the same atomic
+step that allocates the id, so a stored (and replayed) envelope always says
+which seq it is, and ids stay contiguous across every process that shares
+the storage. They also speak django-eventstream's ``StorageBase`` API, so its
+stream view reads them for catch-up and ``Last-Event-ID`` replay.
+
+Configure one as ``EVENTSTREAM_STORAGE_CLASS``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable
+from copy import deepcopy
+from typing import Any, Protocol
+
+from django.conf import settings
+from django.db import IntegrityError, router, transaction
+from django.db.models import F
+from django_eventstream.event import Event
+from django_eventstream.storage import EventDoesNotExist, StorageBase
+
+from verity_django.conf import conf
+
+_TRIM_EVERY = 60.0
+
+
+class SequencedStorage(Protocol):
+    def append_sequenced(self, channel: str, event_type: str, head: str, tail: str) -> Event: ...
+
+    def get_current_ids(self, channels: Iterable[str]) -> dict[str, int]: ...
+
+    def get_events(self, channel: str, last_id: int, limit: int = 100) -> list[Event]: ...
+
+    def get_current_id(self, channel: str) -> int: ...
+
+
+class DatabaseStorage(StorageBase):  # type: ignore[misc]
+    """Events in django-eventstream's own tables, one query-light row each.
+
+    The counter row is updated *first*, which takes the write lock (the row
+    lock on PostgreSQL, the database lock on SQLite) until the event row is
+    committed, so concurrent publishers in any process get ids in commit
+    order.
+    """
+
+    _last_trim = 0.0
+    _trim_lock = threading.Lock()
+
+    def append_event(self, channel: str, event_type: str, data: Any) -> Event:
+        text = data if isinstance(data, str) else json.dumps(data)
+        return self._append(channel, event_type, lambda _: text)
+
+    def append_sequenced(self, channel: str, event_type: str, head: str, tail: str) -> Event:
+        return self._append(channel, event_type, lambda seq: f"{head}{seq}{tail}")
+
+    def _append(self, channel: str, event_type: str, render: Any) -> Event:
+        from django_eventstream.models import Event as EventRow
+        from django_eventstream.models import EventCounter
+
+        db = router.db_for_write(EventRow)
+        with transaction.atomic(using=db):
+            counters = EventCounter.objects.using(db).filter(name=channel)
+            if not counters.update(value=F("value") + 1):
+                try:
+                    with transaction.atomic(using=db):
+                        EventCounter.objects.using(db).create(name=channel, value=1)
+                except IntegrityError:
+                    counters.update(value=F("value") + 1)
+            seq = counters.values_list("value", flat=True).get()
+            data = render(seq)
+            EventRow.objects.using(db).create(channel=channel, type=event_type, data=data, eid=seq)
+        self._maybe_trim(db)
+        return Event(channel, event_type, data, id=seq)
+
+    def get_current_id(self, channel: str) -> int:
+        return self.get_current_ids([channel])[channel]
+
+    def get_current_ids(self, channels: Iterable[str]) -> dict[str, int]:
+        from django_eventstream.models import EventCounter
+
+        wanted = list(channels)
+        found = dict(
+            EventCounter.objects.filter(name__in=wanted).values_list("name", "value")
+        )
+        return {c: int(found.get(c, 0)) for c in wanted}
+
+    def get_events(self, channel: str, last_id: int, limit: int = 100) -> list[Event]:
+        from django_eventstream.models import Event as EventRow
+
+        current = self.get_current_id(channel)
+        if last_id == current:
+            return []
+        if last_id > current:
+            raise EventDoesNotExist(f"{channel} has no event {last_id}", current)
+        rows = list(
+            EventRow.objects.filter(channel=channel, eid__gt=last_id)
+            .order_by("eid")
+            .values_list("eid", "type", "data")[:limit]
+        )
+        if not rows or rows[0][0] != last_id + 1:
+            raise EventDoesNotExist(f"{channel} no longer stores event {last_id + 1}", current)
+        return [Event(channel, kind, data, id=eid) for eid, kind, data in rows]
+
+    def _maybe_trim(self, db: str) -> None:
+        now = time.monotonic()
+        if now - DatabaseStorage._last_trim < _TRIM_EVERY:
+            return
+        with DatabaseStorage._trim_lock:
+            if now - DatabaseStorage._last_trim < _TRIM_EVERY:
+                return
+            DatabaseStorage._last_trim = now
+        from django.utils import timezone
+        from django_eventstream.models import Event as EventRow
+
+        cutoff = timezone.now() - timezone.timedelta(seconds=conf.EVENT_RETENTION)
+        EventRow.objects.using(db).filter(created__lt=cutoff).delete()
+
+
+# Allocating the id, storing the event and publishing it to django-eventstream's
+# cross-process pub/sub happen in one script, which Redis runs atomically: the
+# publish order is the id order for every listener in every process.
+_APPEND_SCRIPT = """
+local id = redis.call('INCR', KEYS[1])
+local data = ARGV[3]
+if ARGV[7] == '1' then data = ARGV[3] .. id .. ARGV[4] end
+redis.call('SET', ARGV[5] .. id, cjson.encode({type=ARGV[2], data=data}), 'EX', tonumber(ARGV[6]))
+if ARGV[8] ~= '' then
+  redis.call('PUBLISH', ARGV[8], cjson.encode({channel=ARGV[1], event_type=ARGV[2], data=data, pub_id=tostring(id)}))
+end
+return id
+"""
+
+# django-eventstream's RedisListener subscribes to this pub/sub channel.
+PUBSUB_CHANNEL = "events_channel"
+
+
+class RedisStorage(StorageBase):  # type: ignore[misc]
+    """Events in Redis; also the cross-process publisher when
+    ``EVENTSTREAM_REDIS`` points at the same server."""
+
+    def __init__(self) -> None:
+        self._client: Any = None
+        self._script: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import redis
+
+            details = getattr(settings, "EVENTSTREAM_STORAGE_CONNECTION", None)
+            if not isinstance(details, dict):
+                from django.core.exceptions import ImproperlyConfigured
+
+                raise ImproperlyConfigured(
+                    "verity_django.storage.RedisStorage needs EVENTSTREAM_STORAGE_CONNECTION "
+                    "(a dict of redis.Redis keyword arguments)."
+                )
+            self._client = redis.Redis(**deepcopy(details))
+            self._script = self._client.register_script(_APPEND_SCRIPT)
+        return self._client
+
+    @staticmethod
+    def _counter_key(channel: str) -> str:
+        return f"verity:counter:{channel}"
+
+    @staticmethod
+    def _event_prefix(channel: str) -> str:
+        return f"verity:event:{channel}:"
+
+    def _publishes(self) -> bool:
+        return getattr(settings, "EVENTSTREAM_REDIS", None) is not None
+
+    def append_event(self, channel: str, event_type: str, data: Any) -> Event:
+        text = data if isinstance(data, str) else json.dumps(data)
+        return self._append(channel, event_type, text, "", sequenced=False)
+
+    def append_sequenced(self, channel: str, event_type: str, head: str, tail: str) -> Event:
+        return self._append(channel, event_type, head, tail, sequenced=True)
+
+    def _append(
+        self, channel: str, event_type: str, head: str, tail: str, *, sequenced: bool
+    ) -> Event:
+        client = self.client
+        seq = int(
+            self._script(
+                keys=[self._counter_key(channel)],
+                args=[
+                    channel,
+                    event_type,
+                    head,
+                    tail,
+                    self._event_prefix(channel),
+                    conf.EVENT_RETENTION,
+                    "1" if sequenced else "0",
+                    PUBSUB_CHANNEL if self._publishes() else "",
+                ],
+                client=client,
+            )
+        )
+        data = f"{head}{seq}{tail}" if sequenced else head
+        return Event(channel, event_type, data, id=seq)
+
+    @property
+    def publishes_to_listeners(self) -> bool:
+        return self._publishes()
+
+    def get_current_id(self, channel: str) -> int:
+        return self.get_current_ids([channel])[channel]
+
+    def get_current_ids(self, channels: Iterable[str]) -> dict[str, int]:
+        wanted = list(channels)
+        if not wanted:
+            return {}
+        values = self.client.mget([self._counter_key(c) for c in wanted])
+        return {c: int(v) if v else 0 for c, v in zip(wanted, values, strict=True)}
+
+    def get_events(self, channel: str, last_id: int, limit: int = 100) -> list[Event]:
+        current = self.get_current_id(channel)
+        if last_id == current:
+            return []
+        if last_id > current:
+            raise EventDoesNotExist(f"{channel} has no event {last_id}", current)
+        ids = list(range(last_id + 1, min(last_id + limit, current) + 1))
+        prefix = self._event_prefix(channel)
+        raw = self.client.mget([f"{prefix}{i}" for i in ids])
+        if not raw or raw[0] is None:
+            raise EventDoesNotExist(f"{channel} no longer stores event {last_id + 1}", current)
+        out: list[Event] = []
+        for event_id, value in zip(ids, raw, strict=True):
+            if value is None:
+                break
+            stored = json.loads(value)
+            out.append(Event(channel, stored["type"], stored["data"], id=event_id))
+        return out
