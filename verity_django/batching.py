@@ -221,11 +221,19 @@ def _deliver_to(scope: Batch | None, routed: list[Routed]) -> None:
 
 
 def _in_transaction(connection: Any) -> bool:
-    """In an atomic block that will commit; a TestCase's own wrapping blocks
-    never commit, so changes made directly inside them count as committed."""
+    """Whether a commit is still to come for changes made now.
+
+    A TestCase's own atomic blocks never commit, so inside a test a change
+    counts as committed unless a block of the code under test can still roll
+    it back on its own: blocks opened with ``savepoint=False`` (model
+    deletes, ``bulk_create``) commit or fail with their enclosing block.
+    """
     if not connection.in_atomic_block:
         return False
-    return not all(getattr(a, "_from_testcase", False) for a in connection.atomic_blocks)
+    blocks = connection.atomic_blocks
+    if not any(getattr(a, "_from_testcase", False) for a in blocks):
+        return True
+    return any(a.savepoint for a in blocks if not getattr(a, "_from_testcase", False))
 
 
 # An implicit batch collects one outermost transaction outside any scope. Its

@@ -79,9 +79,14 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
                         id="verity_django.E004",
                     )
                 )
-        if key in ("COLLAPSE_THRESHOLD", "RESULT_MAX_BYTES", "MAX_AUDIENCES_PER_CONNECTION") and value < 1:
+        if (
+            key in ("COLLAPSE_THRESHOLD", "RESULT_MAX_BYTES", "MAX_AUDIENCES_PER_CONNECTION")
+            and value < 1
+        ):
             errors.append(
-                checks.Error(f"settings.VERITY[{key!r}] must be at least 1.", id="verity_django.E005")
+                checks.Error(
+                    f"settings.VERITY[{key!r}] must be at least 1.", id="verity_django.E005"
+                )
             )
         if key == "POLL_INTERVAL" and not 0 < value <= 5:
             errors.append(

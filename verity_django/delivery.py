@@ -21,6 +21,7 @@ instead, and no tailer runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -73,10 +74,8 @@ class Tailer:
 
     async def _run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=conf.POLL_INTERVAL)
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self._step()

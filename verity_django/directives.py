@@ -152,7 +152,9 @@ class Directive:
                 raise InvalidDirective(f"invalidate: nested deeper than {_MAX_DEPTH} levels")
             kwargs["targets"] = tuple(cls.from_dict(t, _depth=_depth + 1) for t in targets)
         if op == "force_reload_page" and "hard" in kwargs and not isinstance(kwargs["hard"], bool):
-            raise InvalidDirective(f"force_reload_page: 'hard' must be a boolean, got {_kind(kwargs['hard'])}")
+            raise InvalidDirective(
+                f"force_reload_page: 'hard' must be a boolean, got {_kind(kwargs['hard'])}"
+            )
         return cls(op=cast(Op, op), **kwargs)
 
 
@@ -200,7 +202,9 @@ def _validate(d: Directive, depth: int) -> None:
         if d.id is None:
             raise InvalidDirective("refresh_item: missing required field 'id'")
         if isinstance(d.id, bool) or not isinstance(d.id, str | int):
-            raise InvalidDirective(f"refresh_item: 'id' must be a string or a number, got {_kind(d.id)}")
+            raise InvalidDirective(
+                f"refresh_item: 'id' must be a string or a number, got {_kind(d.id)}"
+            )
         if isinstance(d.id, str) and not d.id:
             raise InvalidDirective("refresh_item: 'id' must not be empty")
         if d.level is not None:
@@ -213,15 +217,20 @@ def _validate(d: Directive, depth: int) -> None:
     if op == "refresh_collection":
         if d.params is not None:
             if not isinstance(d.params, Mapping):
-                raise InvalidDirective(f"refresh_collection: 'params' must be an object, got {_kind(d.params)}")
+                raise InvalidDirective(
+                    f"refresh_collection: 'params' must be an object, got {_kind(d.params)}"
+                )
             for key, value in d.params.items():
                 if not isinstance(key, str):
-                    raise InvalidDirective(f"refresh_collection: params keys must be strings, got {key!r}")
+                    raise InvalidDirective(
+                        f"refresh_collection: params keys must be strings, got {key!r}"
+                    )
                 _require_json(op, f"params.{key}", value)
             object.__setattr__(d, "params", dict(d.params))
         if d.params_mode not in PARAMS_MODES:
             raise InvalidDirective(
-                f"refresh_collection: 'params_mode' must be 'exact' or 'contains', got {d.params_mode!r}"
+                "refresh_collection: 'params_mode' must be 'exact' or 'contains', "
+                f"got {d.params_mode!r}"
             )
     elif d.params is not None or d.params_mode != "exact":
         raise InvalidDirective(f"{op}: 'params' is not a field of this op")
@@ -232,7 +241,9 @@ def _validate(d: Directive, depth: int) -> None:
             raise InvalidDirective(f"invalidate: nested deeper than {_MAX_DEPTH} levels")
         for target in d.targets:
             if not isinstance(target, Directive):
-                raise InvalidDirective(f"invalidate: every target must be a Directive, got {_kind(target)}")
+                raise InvalidDirective(
+                    f"invalidate: every target must be a Directive, got {_kind(target)}"
+                )
     elif d.targets:
         raise InvalidDirective(f"{op}: 'targets' is not a field of this op")
     if not isinstance(d.hard, bool):
@@ -240,7 +251,9 @@ def _validate(d: Directive, depth: int) -> None:
     if d.hard and op != "force_reload_page":
         raise InvalidDirective(f"{op}: 'hard' is not a field of this op")
     if op == "force_reload_page" and d.source is not None:
-        raise InvalidDirective("force_reload_page: must not carry a 'source' (every client reloads)")
+        raise InvalidDirective(
+            "force_reload_page: must not carry a 'source' (every client reloads)"
+        )
     if d.result is not None:
         if op not in ("refresh_collection", "refresh_item"):
             raise InvalidDirective(f"{op}: 'result' is not a field of this op")
@@ -250,7 +263,9 @@ def _validate(d: Directive, depth: int) -> None:
     if d.timestamp is not None and (
         isinstance(d.timestamp, bool) or not isinstance(d.timestamp, int) or d.timestamp < 0
     ):
-        raise InvalidDirective(f"{op}: 'timestamp' must be a non-negative integer (ms), got {d.timestamp!r}")
+        raise InvalidDirective(
+            f"{op}: 'timestamp' must be a non-negative integer (ms), got {d.timestamp!r}"
+        )
     if d.source is not None:
         _require_text(op, "source", d.source)
     if d.seq is not None and (isinstance(d.seq, bool) or not isinstance(d.seq, int) or d.seq < 1):
@@ -265,6 +280,8 @@ def _validate(d: Directive, depth: int) -> None:
 
 
 def _require_text(op: str, name: str, value: Any) -> None:
+    if value is None:
+        raise InvalidDirective(f"{op}: missing required field '{name}'")
     if not isinstance(value, str):
         raise InvalidDirective(f"{op}: '{name}' must be a string, got {_kind(value)}")
     if not value:

@@ -40,7 +40,7 @@ class DirectiveMiddleware:
         if self.async_mode:
             return self.__acall__(request)
         if not conf.ENABLED:
-            return self.get_response(request)  # type: ignore[return-value]
+            return self.get_response(request)
         scope = batching.Batch(source=pull.client_id(request))
         token = batching._scope.set(scope)
         request.verity_batch = scope  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ larger ones refresh the affected collections instead of thousands of items.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from django.db import models, transaction
@@ -63,10 +63,12 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
         return created
 
     def bulk_update(
-        self, objs: Iterable[ModelT], fields: Sequence[str], *args: Any, **kwargs: Any
+        self, objs: Iterable[ModelT], fields: Iterable[str], batch_size: int | None = None
     ) -> int:
         objs = list(objs)
-        count = super().bulk_update(objs, fields, *args, **kwargs)
+        # bulk_update() runs update(); the directives come from objs instead.
+        with batching.disabled():
+            count = super().bulk_update(objs, fields, batch_size=batch_size)
         bound = registry.get(self.model)
         if bound is not None and registry._active():
             routed: list[Routed] = []

@@ -207,7 +207,8 @@ def bind(model: type[models.Model], declaration: Declaration) -> ModelRules:
     raw = declaration.directives
     if isinstance(raw, str | bytes) or not isinstance(raw, Sequence | set | frozenset):
         error(
-            f"Meta.directives must be a list of RefreshItem/RefreshCollection, got {type(raw).__name__}.",
+            "Meta.directives must be a list of RefreshItem/RefreshCollection, "
+            f"got {type(raw).__name__}.",
             "verity_django.E101",
         )
         raw = ()
@@ -311,7 +312,7 @@ def bind(model: type[models.Model], declaration: Declaration) -> ModelRules:
             tracked[attname] = None
             if f.is_relation and f.related_model is not None:
                 related = f.related_model
-                prefix = "user-" if _is_user_model(related) else f"{related._meta.model_name}-"  # type: ignore[union-attr]
+                prefix = "user-" if _is_user_model(related) else f"{related._meta.model_name}-"
             else:
                 prefix = ""
             audience_fields.append((attname, prefix))

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import logging
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from verity_django import directives as d
+
+logger = logging.getLogger(__name__)
 
 Event = Literal["create", "update", "delete"]
 EVENTS: frozenset[str] = frozenset({"create", "update", "delete"})
@@ -174,7 +177,10 @@ def evaluate(
         for param, field_name in param_fields.items():
             value = values.get(bound.attnames[field_name], MISSING)
             if value is MISSING:
-                yield d.refresh_collection(rule.name, idempotency_key=_key(rule, instance, event)), ()
+                yield (
+                    d.refresh_collection(rule.name, idempotency_key=_key(rule, instance, event)),
+                    (),
+                )
                 return
             params[param] = to_json_value(value)
         if params not in seen:
@@ -203,8 +209,21 @@ def _key(rule: Rule, instance: Any, event: str) -> str | None:
 
 def _result_payload(rule: RefreshItem, instance: Any) -> Any:
     assert rule.result is not None
+    from verity_django.conf import conf
+
     data = rule.result(instance)
     payload: dict[str, Any] = {"data": data, "ts": d.now_ms()}
     if rule.result_level is not None:
         payload["level"] = rule.result_level
+    size = len(d.dumps(payload).encode())
+    if size > conf.RESULT_MAX_BYTES:
+        # The client refetches what a directive without result names.
+        logger.warning(
+            "verity_django: dropped the %d-byte result of %s %s (RESULT_MAX_BYTES is %d)",
+            size,
+            rule.name,
+            instance.pk,
+            conf.RESULT_MAX_BYTES,
+        )
+        return None
     return payload

@@ -13,6 +13,7 @@ Configure one as ``EVENTSTREAM_STORAGE_CLASS``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import threading
 import time
@@ -86,9 +87,7 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
         from django_eventstream.models import EventCounter
 
         wanted = list(channels)
-        found = dict(
-            EventCounter.objects.filter(name__in=wanted).values_list("name", "value")
-        )
+        found = dict(EventCounter.objects.filter(name__in=wanted).values_list("name", "value"))
         return {c: int(found.get(c, 0)) for c in wanted}
 
     def get_events(self, channel: str, last_id: int, limit: int = 100) -> list[Event]:
@@ -119,7 +118,7 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
         from django.utils import timezone
         from django_eventstream.models import Event as EventRow
 
-        cutoff = timezone.now() - timezone.timedelta(seconds=conf.EVENT_RETENTION)
+        cutoff = timezone.now() - datetime.timedelta(seconds=conf.EVENT_RETENTION)
         EventRow.objects.using(db).filter(created__lt=cutoff).delete()
 
 
@@ -132,7 +131,8 @@ local data = ARGV[3]
 if ARGV[7] == '1' then data = ARGV[3] .. id .. ARGV[4] end
 redis.call('SET', ARGV[5] .. id, cjson.encode({type=ARGV[2], data=data}), 'EX', tonumber(ARGV[6]))
 if ARGV[8] ~= '' then
-  redis.call('PUBLISH', ARGV[8], cjson.encode({channel=ARGV[1], event_type=ARGV[2], data=data, pub_id=tostring(id)}))
+  local message = {channel=ARGV[1], event_type=ARGV[2], data=data, pub_id=tostring(id)}
+  redis.call('PUBLISH', ARGV[8], cjson.encode(message))
 end
 return id
 """

@@ -20,7 +20,8 @@ def snapshot(instance: Any, attnames: Iterable[str]) -> None:
 
 
 def previous(instance: Any) -> Mapping[str, Any] | None:
-    return instance.__dict__.get(_SNAPSHOT)
+    found: Mapping[str, Any] | None = instance.__dict__.get(_SNAPSHOT)
+    return found
 
 
 def current(instance: Any, attnames: Iterable[str]) -> dict[str, Any]:

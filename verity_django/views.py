@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
 from verity_django import directives as d
@@ -48,7 +49,7 @@ def _error(status: int, detail: str, **extra: Any) -> JsonResponse:
 
 
 @require_GET
-def events(request: HttpRequest) -> HttpResponse:
+def events(request: HttpRequest) -> HttpResponseBase:
     if len(request.META.get("QUERY_STRING", "")) > 8192:
         return _error(400, "The query string is too long.")
     audiences: list[str] = []
@@ -66,14 +67,14 @@ def events(request: HttpRequest) -> HttpResponse:
     if not audiences:
         audiences = [GLOBAL]
     if len(audiences) > conf.MAX_AUDIENCES_PER_CONNECTION:
-        return _error(
-            400, f"At most {conf.MAX_AUDIENCES_PER_CONNECTION} audiences per connection."
-        )
+        return _error(400, f"At most {conf.MAX_AUDIENCES_PER_CONNECTION} audiences per connection.")
     client_id = request.GET.get(conf.CLIENT_ID_PARAM) or None
     if client_id is not None and (
         len(client_id) > MAX_CLIENT_ID or not _CLIENT_ID.fullmatch(client_id)
     ):
-        return _error(400, f"{conf.CLIENT_ID_PARAM} must be 1 to {MAX_CLIENT_ID} visible ASCII characters.")
+        return _error(
+            400, f"{conf.CLIENT_ID_PARAM} must be 1 to {MAX_CLIENT_ID} visible ASCII characters."
+        )
 
     denied = [a for a in audiences if not can_read(request.user, a)]
     if denied:
@@ -92,7 +93,7 @@ def events(request: HttpRequest) -> HttpResponse:
     starts = {c: min(resume.get(c, current[c]), current[c]) for c in channels}
     request.META["HTTP_LAST_EVENT_ID"] = ",".join(f"{quote(c)}:{starts[c]}" for c in channels)
 
-    response = eventstream_events(request, channels=list(channels))
+    response: HttpResponseBase = eventstream_events(request, channels=list(channels))
     hellos = "".join(
         _sse(d.dumps({"type": "hello", "audience": a, "last_seq": starts[c]}))
         for c, a in channels.items()
@@ -107,9 +108,10 @@ def events(request: HttpRequest) -> HttpResponse:
             wrapped[header] = value
         return wrapped
     grip = getattr(request, "grip", None)
-    if grip_configured() and grip is not None and grip.proxied and response.status_code == 200:
-        if request.GET.get("link") != "next":
-            response.content = _after_stream_open(response.content.decode(), hellos).encode()
+    proxied = grip_configured() and grip is not None and grip.proxied
+    first_response = request.GET.get("link") != "next"
+    if proxied and first_response and isinstance(response, HttpResponse):
+        response.content = _after_stream_open(response.content.decode(), hellos).encode()
     return response
 
 
@@ -199,9 +201,14 @@ class _Connection:
                 continue
             self.delivered[audience] = seq
             data = block[at + 6 :]
-            if self.marker is not None and self.marker in data:
-                if json.loads(data).get("source") == self.client_id:
-                    echo = {"type": "directives", "seq": seq, "audience": audience, "directives": []}
-                    block = block[:at] + "data: " + d.dumps(echo)
+            own = self.marker is not None and self.marker in data
+            if own and json.loads(data).get("source") == self.client_id:
+                echo: dict[str, Any] = {
+                    "type": "directives",
+                    "seq": seq,
+                    "audience": audience,
+                    "directives": [],
+                }
+                block = block[:at] + "data: " + d.dumps(echo)
             kept.append(block)
         return "\n\n".join(kept)

@@ -27,6 +27,13 @@ class Project(models.Model):
         return self.name
 
 
+class Tag(models.Model):
+    name = models.CharField(max_length=50, unique=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Todo(models.Model):
     class Status(models.TextChoices):
         ACTIVE = "active"
@@ -41,6 +48,7 @@ class Todo(models.Model):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="todos"
     )
+    tags = models.ManyToManyField(Tag, blank=True, related_name="todos")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -58,6 +66,7 @@ class Todo(models.Model):
             RefreshItem("project", id="project", collection="projects"),
         ]
         directive_audience = "owner"
+        directive_relations = ["tags"]
 
     def __str__(self) -> str:
         return self.title

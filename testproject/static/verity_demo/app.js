@@ -218,6 +218,9 @@ function renderProjects() {
   if (editing && list.querySelector(`[data-project-id='${CSS.escape(editing)}'] input`)) {
     return projects; // keep the rename input alive while typing
   }
+  const signature = JSON.stringify([coll.error?.message, idKey(state.project), [...projects.values()].map((p) => [p.id, p.name])]);
+  if (list.dataset.signature === signature) return projects;
+  list.dataset.signature = signature;
   list.replaceChildren(
     ...(coll.error ? [h("li", { class: "muted small" }, `Could not load projects: ${coll.error.message}`)] : []),
     ...[...projects.values()].map((p) =>
@@ -226,9 +229,10 @@ function renderProjects() {
         {
           class: `project-item${idKey(state.project) === idKey(p.id) ? " is-active" : ""}`,
           dataset: { projectId: idKey(p.id), testid: "project-row" },
-          title: "Click to filter, double-click to rename",
+          title: "Click to filter by this project",
         },
         h("span", { class: "project-name", dataset: { testid: "project-name" } }, p.name ?? "…"),
+        h("button", { type: "button", class: "chip-btn", dataset: { testid: "project-rename" }, "aria-label": "Rename project", title: "Rename" }, "✎"),
       ),
     ),
   );
@@ -673,7 +677,7 @@ function addInspectorEntry(entry) {
   const item = h(
     "li",
     {
-      class: `entry entry-${entry.outcome} via-${entry.via}`,
+      class: `entry entry-${entry.outcome} entry-${entry.via}`,
       dataset: {
         testid: "inspector-entry",
         outcome: entry.outcome,
@@ -930,19 +934,16 @@ function bindEvents() {
     const li = event.target.closest("[data-project-id]");
     if (!li || state.editing) return;
     const id = parseIdValue(li.dataset.projectId);
+    if (event.target.closest("[data-testid='project-rename']")) {
+      const nameEl = li.querySelector(".project-name");
+      startInlineEdit("project", id, nameEl, nameEl.textContent, (name) =>
+        client.mutate("PATCH", projectUrl(id), { name }).catch((error) => toast(error.message)),
+      );
+      return;
+    }
     state.project = idKey(state.project) === idKey(id) ? null : id;
     els.newTodo.elements.project.value = state.project == null ? "" : idKey(state.project);
     scheduleRender();
-  });
-
-  els.projectList.addEventListener("dblclick", (event) => {
-    const li = event.target.closest("[data-project-id]");
-    if (!li) return;
-    const id = parseIdValue(li.dataset.projectId);
-    const nameEl = li.querySelector(".project-name");
-    startInlineEdit("project", id, nameEl, nameEl.textContent, (name) =>
-      client.mutate("PATCH", projectUrl(id), { name }).catch((error) => toast(error.message)),
-    );
   });
 
   els.todoList.addEventListener("change", (event) => {

@@ -47,7 +47,7 @@ function isCollectionData(value) {
   return value != null && typeof value === "object" && Array.isArray(value.ids);
 }
 
-function sleepJitter([min, max]) {
+function jitter([min, max]) {
   return min + Math.random() * (max - min);
 }
 
@@ -346,6 +346,7 @@ export function createVerityClient({
   }
 
   function refreshCollection(d) {
+    if (!(d.name in collectionConfig)) return "collection not used here";
     if (d.result != null && applyCollectionResult(d)) return "result";
     const byKey = collections.get(d.name) ?? new Map();
     if (isDefaultParams(d.params)) {
@@ -509,7 +510,7 @@ export function createVerityClient({
 
   function scheduleResync(reason) {
     if (resyncTimer) return;
-    const delay = Math.round(sleepJitter(resyncJitterMs));
+    const delay = Math.round(jitter(resyncJitterMs));
     emit("resync", { phase: "scheduled", delay, reason });
     resyncTimer = setTimeout(() => {
       resyncTimer = null;
@@ -527,8 +528,9 @@ export function createVerityClient({
     }
     const cutoff = Date.now() - recentItemMs;
     for (const [key, entry] of items) {
-      if (entry.usedAt >= cutoff) fetches.push(...refetchHeldLevels(entry));
-      else items.delete(key); // stale and unused: refetched on next read instead
+      // Items neither recently used nor still existing are dropped; a later read refetches them.
+      if (entry.usedAt >= cutoff && !entry.missing) fetches.push(...refetchHeldLevels(entry));
+      else items.delete(key);
     }
     return Promise.allSettled(fetches).then(() => emit("resync", { phase: "done", reason, fetches: fetches.length }));
   }
@@ -651,7 +653,7 @@ export function createVerityClient({
         detail = `start at seq ${last}`;
       } else if (last > prev) {
         outcome = "gap";
-        detail = `missed ${prev + 1}…${last} while away`;
+        detail = last === prev + 1 ? `missed seq ${last} while away` : `missed seq ${prev + 1}…${last} while away`;
         scheduleResync(`hello ${audience} ${prev}→${last}`);
       } else if (last < prev) {
         detail = `counter reset ${prev}→${last}`;
@@ -670,7 +672,10 @@ export function createVerityClient({
     const base = { via: "push", type: "directives", audience, seq, source: env.source ?? null, directives: env.directives ?? [], raw: env };
     // Own envelope: dropped before seq bookkeeping, as the Verity client does.
     if (env.source && env.source === clientId) {
-      logEntry({ ...base, outcome: "echo", detail: "own source; dropped before seq tracking" });
+      // force_reload_page is never filtered by source, even inside an own envelope.
+      const reloads = (Array.isArray(env.directives) ? env.directives : []).filter((d) => d?.op === "force_reload_page");
+      if (reloads.length) applyList(reloads, "push");
+      logEntry({ ...base, outcome: "echo", detail: "own source; dropped before seq tracking" + (reloads.length ? " (reload still applied)" : "") });
       return;
     }
     const prev = seqs.get(audience);
@@ -680,12 +685,12 @@ export function createVerityClient({
     const list = Array.isArray(env.directives) ? env.directives : [];
     if (!list.length && !env.source) {
       // The server's rewrite of this connection's own change: seq advances, nothing to do.
-      logEntry({ ...base, outcome: gap ? "gap" : "echo", detail: gap ? `expected ${prev + 1}` : "own change; server sent seq only" });
+      logEntry({ ...base, outcome: gap ? "gap" : "echo", detail: gap ? `expected seq ${prev + 1}, got ${seq} (own change)` : "own change; server sent seq only" });
       return;
     }
     const results = applyList(list, "push");
     const outcome = gap ? "gap" : summarize(results);
-    logEntry({ ...base, results, outcome, detail: gap ? `expected ${prev + 1}, got ${seq}` : undefined });
+    logEntry({ ...base, results, outcome, detail: gap ? `expected seq ${prev + 1}, got ${seq}` : undefined });
   }
 
   // ------------------------------------------------------------- lifecycle

@@ -17,6 +17,4 @@ def publish_to(command: BaseCommand, audiences: Sequence[str], items: list[d.Dir
             published = publish_or_raise(audience, items)
         except Exception as exc:
             raise CommandError(f"Could not publish to {audience!r}: {exc}") from exc
-        command.stdout.write(
-            f"Sent to audience {audience!r} with seq {published.seq}: {payload}"
-        )
+        command.stdout.write(f"Sent to audience {audience!r} with seq {published.seq}: {payload}")

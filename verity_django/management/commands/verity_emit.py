@@ -14,7 +14,7 @@ from verity_django.management.commands._publish import publish_to
 class Command(BaseCommand):
     help = (
         "Publish directives given as JSON (one object or a list), validated like the "
-        "library's own, e.g. '{\"op\": \"refresh_collection\", \"name\": \"todos\"}'. "
+        'library\'s own, e.g. \'{"op": "refresh_collection", "name": "todos"}\'. '
         "Use '-' to read the JSON from standard input."
     )
 

@@ -14,11 +14,17 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--audience", action="append", dest="audiences", metavar="AUDIENCE",
+            "--audience",
+            action="append",
+            dest="audiences",
+            metavar="AUDIENCE",
             help=f"Audience to follow; repeat for several (default: {GLOBAL}).",
         )
         parser.add_argument(
-            "--since", type=int, default=None, metavar="SEQ",
+            "--since",
+            type=int,
+            default=None,
+            metavar="SEQ",
             help="Also print stored envelopes after this seq (default: only new ones).",
         )
         parser.add_argument(

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core import checks
+from django.test import override_settings
+
+from verity_django.checks import check_settings
+
+
+def ids(**settings: Any) -> list[str]:
+    with override_settings(**settings):
+        return [e.id for e in check_settings()]
+
+
+def test_checks_are_registered_in_ready() -> None:
+    registered = checks.registry.registry.get_checks()
+    names = {f.__module__ + "." + f.__name__ for f in registered}
+    assert "verity_django.checks.check_settings" in names
+    assert "verity_django.registry.check_rules" in names
+
+
+def test_project_settings_pass() -> None:
+    assert check_settings() == []
+
+
+@pytest.mark.parametrize(
+    ("verity", "error_id"),
+    [
+        ("yes", "verity_django.E001"),
+        ({"COLAPSE_THRESHOLD": 3}, "verity_django.E002"),
+        ({"COLLAPSE_THRESHOLD": "3"}, "verity_django.E003"),
+        ({"ENABLED": 1}, "verity_django.E003"),
+        ({"MAX_AUDIENCES_PER_CONNECTION": True}, "verity_django.E003"),
+        ({"AUTHORIZE": "nowhere.module.func"}, "verity_django.E004"),
+        ({"COLLAPSE_THRESHOLD": 0}, "verity_django.E005"),
+        ({"POLL_INTERVAL": 30}, "verity_django.E005"),
+    ],
+)
+def test_bad_settings(verity: Any, error_id: str) -> None:
+    assert error_id in ids(VERITY=verity)
+
+
+def test_callable_hooks_are_accepted() -> None:
+    assert ids(VERITY={"AUTHORIZE": lambda user, audience: True}) == []
+
+
+def test_storage_must_be_sequenced() -> None:
+    found = ids(EVENTSTREAM_STORAGE_CLASS="django_eventstream.storage.DjangoModelStorage")
+    assert found == ["verity_django.E020"]
+
+
+def test_channel_manager_must_authorize_audiences() -> None:
+    found = ids(EVENTSTREAM_CHANNELMANAGER_CLASS="django_eventstream.channelmanager.DefaultChannelManager")
+    assert found == ["verity_django.E021"]
+
+
+def test_redis_pubsub_needs_the_same_redis_storage() -> None:
+    found = ids(EVENTSTREAM_REDIS={"host": "127.0.0.1", "port": 1})
+    assert found == ["verity_django.E022"]
+
+
+def test_middleware_is_required(settings: Any) -> None:
+    settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "verity" not in m]
+    assert [e.id for e in check_settings()] == ["verity_django.E010"]

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from verity_django import directives as d
+
+
+def test_refresh_item_json_has_no_null_noise() -> None:
+    assert d.refresh_item("todo", 42).to_dict() == {"op": "refresh_item", "name": "todo", "id": 42}
+
+
+def test_refresh_collection_with_params_and_mode() -> None:
+    directive = d.refresh_collection("todos", {"status": "active"}, params_mode="contains")
+    assert directive.to_dict() == {
+        "op": "refresh_collection",
+        "name": "todos",
+        "params": {"status": "active"},
+        "params_mode": "contains",
+    }
+
+
+def test_exact_mode_is_the_default_and_not_written() -> None:
+    assert "params_mode" not in d.refresh_collection("todos", {"a": 1}).to_dict()
+
+
+def test_metadata_is_written_when_present() -> None:
+    directive = d.refresh_item(
+        "todo", "abc", level="expanded", idempotency_key="k", timestamp=5, source="c1", seq=3
+    )
+    assert directive.to_dict() == {
+        "op": "refresh_item",
+        "name": "todo",
+        "id": "abc",
+        "level": "expanded",
+        "idempotency_key": "k",
+        "timestamp": 5,
+        "source": "c1",
+        "seq": 3,
+    }
+
+
+def test_invalidate_and_force_reload() -> None:
+    group = d.invalidate([d.refresh_item("todo", 1), d.refresh_collection("todos")])
+    assert group.to_dict() == {
+        "op": "invalidate",
+        "targets": [
+            {"op": "refresh_item", "name": "todo", "id": 1},
+            {"op": "refresh_collection", "name": "todos"},
+        ],
+    }
+    assert d.force_reload_page().to_dict() == {"op": "force_reload_page"}
+    assert d.force_reload_page(hard=True).to_dict() == {"op": "force_reload_page", "hard": True}
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: d.refresh_item("todo", None), "refresh_item: missing required field 'id'"),
+        (lambda: d.refresh_item("", 1), "refresh_item: missing required field 'name'"),
+        (lambda: d.refresh_item("todo", [1]), "'id' must be a string or a number, got list"),
+        (lambda: d.refresh_item("todo", True), "'id' must be a string or a number, got bool"),
+        (
+            lambda: d.refresh_collection("todos", {"a": 1}, params_mode="fuzzy"),
+            "'params_mode' must be 'exact' or 'contains', got 'fuzzy'",
+        ),
+        (lambda: d.refresh_collection("todos", {"a": object()}), "'params.a' must be JSON data"),
+        (lambda: d.invalidate([]), "invalidate: missing required field 'targets'"),
+        (
+            lambda: d.force_reload_page(source="c1"),
+            "force_reload_page: must not carry a 'source'",
+        ),
+        (lambda: d.refresh_item("todo", 1, seq=0), "'seq' must be a positive integer"),
+        (lambda: d.refresh_item("todo", 1, timestamp=-1), "'timestamp' must be a non-negative"),
+        (lambda: d.refresh_item("todo", 1, audience="user 1"), "invalid audience 'user 1'"),
+        (lambda: d.refresh_item("todo", 1, result=float("nan")), "must be a finite number"),
+    ],
+)
+def test_validation_names_op_field_and_value(build: Any, message: str) -> None:
+    with pytest.raises(d.InvalidDirective, match=_escape(message)):
+        build()
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_from_dict_round_trips() -> None:
+    data = {
+        "op": "invalidate",
+        "targets": [{"op": "refresh_collection", "name": "todos", "params": {"status": "done"}}],
+        "idempotency_key": "deploy-1",
+    }
+    assert d.Directive.from_dict(data).to_dict() == data
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], "a directive must be a JSON object, got list"),
+        ({"op": "nope"}, "'op' must be one of"),
+        ({"op": "refresh_item", "name": "todo", "id": 1, "extra": 1}, "unknown field(s) 'extra'"),
+        ({"op": "invalidate", "targets": "x"}, "'targets' must be a list of directives, got str"),
+        ({"op": "force_reload_page", "hard": "yes"}, "'hard' must be a boolean, got str"),
+        ({"op": "refresh_collection"}, "missing required field 'name'"),
+    ],
+)
+def test_from_dict_rejects_with_a_clear_message(data: Any, message: str) -> None:
+    with pytest.raises(d.InvalidDirective, match=_escape(message)):
+        d.Directive.from_dict(data)
+
+
+def test_identity_ignores_metadata_and_result_but_not_id_type() -> None:
+    a = d.refresh_item("todo", 1, idempotency_key="a", result={"data": {}})
+    b = d.refresh_item("todo", 1, idempotency_key="b")
+    assert a.identity == b.identity
+    assert a.identity != d.refresh_item("todo", "1").identity
+    assert (
+        d.refresh_collection("t", {"a": 1, "b": 2}).identity
+        == d.refresh_collection("t", {"b": 2, "a": 1}).identity
+    )
+
+
+def test_wire_json_is_compact() -> None:
+    assert d.dumps({"a": [1, "é"]}) == '{"a":[1,"é"]}'

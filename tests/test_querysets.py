@@ -1,0 +1,107 @@
+"""Bulk paths that send no model signals, on an opted-in manager."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from django.db.models import F, Value
+from django.db.models.functions import Concat
+from django.test import override_settings
+
+from testproject.todos.models import Project, Tag, Todo
+from verity_django.testing import capture_directives
+
+
+def make_todos(owner: Any, project: Project, n: int, status: str = "active") -> list[Todo]:
+    return Todo.objects.bulk_create(
+        Todo(title=f"t{i}", owner=owner, project=project, status=status) for i in range(n)
+    )
+
+
+def test_small_update_refreshes_exact_items_and_both_params(alice: Any, project: Project) -> None:
+    todos = make_todos(alice, project, 3)
+    with capture_directives() as captured:
+        count = Todo.objects.filter(pk__in=[t.pk for t in todos[:2]]).update(status="done")
+    assert count == 2
+    bare = captured.bare
+    for t in todos[:2]:
+        assert {"op": "refresh_item", "name": "todo", "id": t.pk} in bare
+    assert {"op": "refresh_item", "name": "todo", "id": todos[2].pk} not in bare
+    params = [x["params"] for x in bare if x.get("params", {}).keys() == {"status"}]
+    assert params == [{"status": "active"}, {"status": "done"}]
+    assert captured.audiences == {f"user-{alice.pk}"}
+
+
+def test_update_with_an_expression_treats_the_new_value_as_unknown(todo: Todo) -> None:
+    with capture_directives() as captured:
+        Todo.objects.filter(pk=todo.pk).update(title=Concat(F("title"), Value("!")))
+    assert {"op": "refresh_item", "name": "todo", "id": todo.pk} in captured.bare
+
+
+@override_settings(VERITY={"COLLAPSE_THRESHOLD": 5})
+def test_large_update_collapses_to_a_few_collection_refreshes(
+    alice: Any, bob: Any, project: Project, django_assert_max_num_queries: Any
+) -> None:
+    make_todos(alice, project, 8)
+    make_todos(bob, project, 2)
+    with capture_directives() as captured:
+        Todo.objects.all().update(status="done")
+    assert sorted(x["name"] for x in captured.bare) == ["projects", "todos"]
+    assert all(x["op"] == "refresh_collection" and "params" not in x for x in captured.bare)
+    assert captured.audiences == {f"user-{alice.pk}", f"user-{bob.pk}"}
+
+
+def test_bulk_create_emits_create_rules(alice: Any, project: Project) -> None:
+    with capture_directives() as captured:
+        make_todos(alice, project, 3)
+    assert captured == [
+        {"op": "refresh_collection", "name": "todos"},
+        {"op": "refresh_item", "name": "project", "id": project.pk},
+    ]
+
+
+def test_bulk_update_compares_with_load_time_values(alice: Any, project: Project) -> None:
+    make_todos(alice, project, 2)
+    todos = list(Todo.objects.all())
+    for t in todos:
+        t.status = "done"
+    with capture_directives() as captured:
+        Todo.objects.bulk_update(todos, ["status"])
+    statuses = sorted(x["params"]["status"] for x in captured.bare if "status" in x.get("params", {}))
+    assert statuses == ["active", "done"]
+    assert sum(1 for x in captured.bare if x["name"] == "todo") == 2
+
+
+def test_m2m_changes_refresh_the_item_both_ways(todo: Todo) -> None:
+    tag = Tag.objects.create(name="urgent")
+    with capture_directives() as captured:
+        todo.tags.add(tag)
+    assert {"op": "refresh_item", "name": "todo", "id": todo.pk} in captured.bare
+    with capture_directives() as captured:
+        tag.todos.remove(todo)
+    assert {"op": "refresh_item", "name": "todo", "id": todo.pk} in captured.bare
+    with capture_directives() as captured:
+        tag.todos.clear()
+    assert {"op": "refresh_collection", "name": "todos"} in captured.bare
+
+
+@pytest.mark.django_db(transaction=True)
+def test_queryset_delete_makes_one_batch(alice: Any, project: Project) -> None:
+    make_todos(alice, project, 2)
+    with capture_directives() as captured:
+        Todo.objects.all().delete()
+    assert len(captured.batches) == 1
+    assert captured == [
+        {"op": "refresh_collection", "name": "todos"},
+        {"op": "refresh_item", "name": "project", "id": project.pk},
+    ]
+
+
+def test_cascade_delete_refreshes_dependents(todo: Todo, alice: Any) -> None:
+    audience = f"user-{alice.pk}"
+    with capture_directives() as captured:
+        alice.delete()
+    assert {"op": "refresh_collection", "name": "projects"} in captured.bare
+    assert {"op": "refresh_collection", "name": "todos"} in captured.for_audience(audience)

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core import checks
+from django.core.management import call_command
+
+import verity_django
+from testproject.todos.models import Project, Todo
+from verity_django import registry
+from verity_django.registry import Declaration, bind
+from verity_django.rules import RefreshCollection, RefreshItem
+from verity_django.testing import capture_directives
+
+
+def test_meta_rules_are_bound_to_attnames() -> None:
+    bound = registry.get(Todo)
+    assert bound is not None
+    assert set(bound.tracked) == {"id", "status", "project_id", "owner_id"}
+    assert bound.audience_fields == (("owner_id", "user-"),)
+    assert registry.get(Project) is not None
+
+
+def test_rules_add_nothing_to_migrations(db: Any) -> None:
+    call_command("makemigrations", "--check", "--dry-run", verbosity=0)
+    assert "directives" not in Todo._meta.original_attrs
+
+
+def test_register_as_call_and_unregister(db: Any) -> None:
+    User = get_user_model()
+    registry.register(User, directives=[RefreshItem("user"), RefreshCollection("users")])
+    try:
+        user = User.objects.create_user("carol")
+        with capture_directives() as captured:
+            user.first_name = "Carol"
+            user.save()
+        assert captured == [
+            {"op": "refresh_item", "name": "user", "id": user.pk},
+            {"op": "refresh_collection", "name": "users"},
+        ]
+        assert captured.audiences == {"global"}
+    finally:
+        verity_django.unregister(User)
+    with capture_directives() as captured:
+        user.save()
+    assert captured == []
+
+
+def test_register_as_decorator(db: Any) -> None:
+    User = get_user_model()
+    decorated = verity_django.register(directives=[RefreshCollection("users")], audience="staff")(
+        User
+    )
+    try:
+        assert decorated is User
+        with capture_directives() as captured:
+            User.objects.create_user("dave")
+        assert captured.for_audience("staff") == [{"op": "refresh_collection", "name": "users"}]
+    finally:
+        verity_django.unregister(User)
+
+
+def test_audience_from_owner_field_follows_old_and_new_owner(todo: Todo, bob: Any) -> None:
+    alice_audience = f"user-{todo.owner_id}"
+    with capture_directives() as captured:
+        todo.owner = bob
+        todo.save()
+    assert captured.audiences == {alice_audience, f"user-{bob.pk}"}
+
+
+def test_callable_audience(db: Any) -> None:
+    User = get_user_model()
+    registry.register(User, directives=[RefreshCollection("users")], audience=lambda u: [f"team-{u.username}"])
+    try:
+        with capture_directives() as captured:
+            User.objects.create_user("erin")
+        assert captured.audiences == {"team-erin"}
+    finally:
+        verity_django.unregister(User)
+
+
+def errors_for(**declaration: Any) -> list[checks.CheckMessage]:
+    return bind(Todo, Declaration(**declaration)).errors
+
+
+@pytest.mark.parametrize(
+    ("declaration", "error_id", "text"),
+    [
+        ({"directives": "todo"}, "verity_django.E101", "must be a list"),
+        ({"directives": [object()]}, "verity_django.E102", "is not a directive rule"),
+        ({"directives": [RefreshItem("")]}, "verity_django.E103", "'name' must be a non-empty"),
+        ({"directives": [RefreshItem("todo", on=["save"])]}, "verity_django.E104", "'on' must"),
+        ({"directives": [RefreshItem("todo", on="update")]}, "verity_django.E104", "'on' must"),
+        (
+            {"directives": [RefreshCollection("todos", params=["status"], mode="fuzzy")]},
+            "verity_django.E105",
+            "mode must be 'exact' or 'contains'",
+        ),
+        ({"directives": [RefreshCollection("todos", params="status")]}, "verity_django.E106", "params"),
+        ({"directives": [RefreshItem("todo", result="x")]}, "verity_django.E107", "callable"),
+        (
+            {"directives": [RefreshCollection("todos", params=["colour"])]},
+            "verity_django.E108",
+            "'colour', which is not a concrete field",
+        ),
+        (
+            {"directives": [RefreshItem("project", id="project__owner")]},
+            "verity_django.E108",
+            "not a concrete field",
+        ),
+        ({"directives": [RefreshCollection("todos", params=["tags"])]}, "verity_django.E108", "tags"),
+        ({"directives": [], "audience": "not valid!"}, "verity_django.E109", "directive_audience"),
+        ({"directives": [], "relations": ["title"]}, "verity_django.E110", "many-to-many"),
+    ],
+)
+def test_bad_rules_are_check_errors_on_the_model(
+    declaration: dict[str, Any], error_id: str, text: str
+) -> None:
+    errors = errors_for(**declaration)
+    assert [e.id for e in errors] == [error_id]
+    assert text in errors[0].msg
+    assert errors[0].obj is Todo
+
+
+def test_rule_checks_run_with_the_system_checks() -> None:
+    registry._declared[Todo], original = (
+        Declaration([RefreshCollection("todos", params=["colour"])]),
+        registry._declared[Todo],
+    )
+    try:
+        found = [e.id for e in checks.run_checks()]
+    finally:
+        registry._declared[Todo] = original
+    assert "verity_django.E108" in found
+
+
+def test_valid_project_passes_all_checks() -> None:
+    assert [e for e in checks.run_checks() if e.id.startswith("verity_django")] == []
