@@ -52,7 +52,9 @@ def test_storage_must_be_sequenced() -> None:
 
 
 def test_channel_manager_must_authorize_audiences() -> None:
-    found = ids(EVENTSTREAM_CHANNELMANAGER_CLASS="django_eventstream.channelmanager.DefaultChannelManager")
+    found = ids(
+        EVENTSTREAM_CHANNELMANAGER_CLASS="django_eventstream.channelmanager.DefaultChannelManager"
+    )
     assert found == ["verity_django.E021"]
 
 

@@ -16,15 +16,32 @@ pytestmark = pytest.mark.urls("tests.pullviews.urls")
 
 
 def test_patch_returns_item_and_both_status_collections(api: APIClient, todo: Todo) -> None:
-    response = api.patch(f"/api/todos/{todo.pk}/", {"status": "done"}, format="json", **DIRECTIVE_HEADERS)
+    response = api.patch(
+        f"/api/todos/{todo.pk}/", {"status": "done"}, format="json", **DIRECTIVE_HEADERS
+    )
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "done"
     assert strip_metadata(body["directives"]) == [
         {"op": "refresh_item", "name": "todo", "id": todo.pk},
-        {"op": "refresh_collection", "name": "todos", "params": {"status": "active"}, "params_mode": "contains"},
-        {"op": "refresh_collection", "name": "todos", "params": {"status": "done"}, "params_mode": "contains"},
-        {"op": "refresh_collection", "name": "todos", "params": {"project": todo.project_id}, "params_mode": "contains"},
+        {
+            "op": "refresh_collection",
+            "name": "todos",
+            "params": {"status": "active"},
+            "params_mode": "contains",
+        },
+        {
+            "op": "refresh_collection",
+            "name": "todos",
+            "params": {"status": "done"},
+            "params_mode": "contains",
+        },
+        {
+            "op": "refresh_collection",
+            "name": "todos",
+            "params": {"project": todo.project_id},
+            "params_mode": "contains",
+        },
         {"op": "refresh_item", "name": "project", "id": todo.project_id},
     ]
     for item in body["directives"]:
@@ -32,7 +49,9 @@ def test_patch_returns_item_and_both_status_collections(api: APIClient, todo: To
 
 
 def test_create_returns_collection_rules_only(api: APIClient, project: Project) -> None:
-    response = api.post("/api/todos/", {"title": "New", "project": project.pk}, format="json", **DIRECTIVE_HEADERS)
+    response = api.post(
+        "/api/todos/", {"title": "New", "project": project.pk}, format="json", **DIRECTIVE_HEADERS
+    )
     assert response.status_code == 201
     assert strip_metadata(response.json()["directives"]) == [
         {"op": "refresh_collection", "name": "todos"},
@@ -40,7 +59,9 @@ def test_create_returns_collection_rules_only(api: APIClient, project: Project) 
     ]
 
 
-def test_delete_answers_200_with_directives_and_never_the_deleted_item(api: APIClient, todo: Todo) -> None:
+def test_delete_answers_200_with_directives_and_never_the_deleted_item(
+    api: APIClient, todo: Todo
+) -> None:
     response = api.delete(f"/api/todos/{todo.pk}/", **DIRECTIVE_HEADERS)
     assert response.status_code == 200
     assert strip_metadata(response.json()["directives"]) == [
@@ -55,10 +76,15 @@ def test_delete_without_the_request_header_stays_204(api: APIClient, todo: Todo)
     assert response.content == b""
 
 
-@pytest.mark.parametrize("value", ["send me directives", "  SEND me DIRECTIVES ", "Send  Me\tDirectives"])
+@pytest.mark.parametrize(
+    "value", ["send me directives", "  SEND me DIRECTIVES ", "Send  Me\tDirectives"]
+)
 def test_request_header_ignores_case_and_spaces(api: APIClient, todo: Todo, value: str) -> None:
     response = api.patch(
-        f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", HTTP_X_VERITY_DIRECTIVE_REQUEST=value
+        f"/api/todos/{todo.pk}/",
+        {"title": "x"},
+        format="json",
+        HTTP_X_VERITY_DIRECTIVE_REQUEST=value,
     )
     assert "directives" in response.json()
 
@@ -66,7 +92,10 @@ def test_request_header_ignores_case_and_spaces(api: APIClient, todo: Todo, valu
 @pytest.mark.parametrize("value", ["", "yes", "send me directive"])
 def test_other_header_values_get_no_directives(api: APIClient, todo: Todo, value: str) -> None:
     response = api.patch(
-        f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", HTTP_X_VERITY_DIRECTIVE_REQUEST=value
+        f"/api/todos/{todo.pk}/",
+        {"title": "x"},
+        format="json",
+        HTTP_X_VERITY_DIRECTIVE_REQUEST=value,
     )
     assert "directives" not in response.json()
 
@@ -80,7 +109,9 @@ def test_always_on_setting(api: APIClient, todo: Todo) -> None:
 @pytest.mark.parametrize(
     ("header", "value"), [("HTTP_X_VERITY_CLIENT_ID", "doc-id"), ("HTTP_X_CLIENT_ID", "code-id")]
 )
-def test_source_comes_from_either_client_id_header(api: APIClient, todo: Todo, header: str, value: str) -> None:
+def test_source_comes_from_either_client_id_header(
+    api: APIClient, todo: Todo, header: str, value: str
+) -> None:
     response = api.patch(
         f"/api/todos/{todo.pk}/",
         {"title": "x"},
@@ -101,7 +132,9 @@ def test_pull_and_push_copies_share_idempotency_keys(api: APIClient, todo: Todo)
 
     envelope_published.connect(record, dispatch_uid="test-keys")
     try:
-        response = api.patch(f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", **DIRECTIVE_HEADERS)
+        response = api.patch(
+            f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", **DIRECTIVE_HEADERS
+        )
     finally:
         envelope_published.disconnect(dispatch_uid="test-keys")
     import json
@@ -117,7 +150,9 @@ def test_pull_and_push_copies_share_idempotency_keys(api: APIClient, todo: Todo)
 def test_every_drf_view_style_gets_directives(api: APIClient, url: str) -> None:
     response = api.post(url, {"name": "p"}, format="json", **DIRECTIVE_HEADERS)
     assert response.status_code in (200, 201)
-    assert strip_metadata(response.json()["directives"]) == [{"op": "refresh_collection", "name": "projects"}]
+    assert strip_metadata(response.json()["directives"]) == [
+        {"op": "refresh_collection", "name": "projects"}
+    ]
 
 
 def test_non_dict_bodies_are_left_valid(api: APIClient, alice: Any) -> None:
@@ -147,7 +182,9 @@ def test_plain_django_204_becomes_200_with_directives(alice: Any, project: Proje
     client.force_login(alice)
     response = client.post("/t/plain-delete/", **DIRECTIVE_HEADERS)
     assert response.status_code == 200
-    assert strip_metadata(response.json()["directives"]) == [{"op": "refresh_collection", "name": "projects"}]
+    assert strip_metadata(response.json()["directives"]) == [
+        {"op": "refresh_collection", "name": "projects"}
+    ]
 
 
 def test_get_requests_carry_an_empty_list(api: APIClient, todo: Todo) -> None:
@@ -157,14 +194,18 @@ def test_get_requests_carry_an_empty_list(api: APIClient, todo: Todo) -> None:
 
 @override_settings(VERITY={"ENABLED": False})
 def test_disabled_app_changes_nothing(api: APIClient, todo: Todo) -> None:
-    response = api.patch(f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", **DIRECTIVE_HEADERS)
+    response = api.patch(
+        f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", **DIRECTIVE_HEADERS
+    )
     assert "directives" not in response.json()
 
 
 def test_session_mutations_still_need_csrf(alice: Any, todo: Todo) -> None:
     client = APIClient(enforce_csrf_checks=True)
     client.login(username="alice", password="alice-password")
-    response = client.patch(f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", **DIRECTIVE_HEADERS)
+    response = client.patch(
+        f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", **DIRECTIVE_HEADERS
+    )
     assert response.status_code == 403
     assert "CSRF" in response.json()["detail"]
     todo.refresh_from_db()

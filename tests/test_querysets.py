@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.test import override_settings
@@ -69,7 +68,9 @@ def test_bulk_update_compares_with_load_time_values(alice: Any, project: Project
         t.status = "done"
     with capture_directives() as captured:
         Todo.objects.bulk_update(todos, ["status"])
-    statuses = sorted(x["params"]["status"] for x in captured.bare if "status" in x.get("params", {}))
+    statuses = sorted(
+        x["params"]["status"] for x in captured.bare if "status" in x.get("params", {})
+    )
     assert statuses == ["active", "done"]
     assert sum(1 for x in captured.bare if x["name"] == "todo") == 2
 

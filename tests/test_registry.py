@@ -72,7 +72,9 @@ def test_audience_from_owner_field_follows_old_and_new_owner(todo: Todo, bob: An
 
 def test_callable_audience(db: Any) -> None:
     User = get_user_model()
-    registry.register(User, directives=[RefreshCollection("users")], audience=lambda u: [f"team-{u.username}"])
+    registry.register(
+        User, directives=[RefreshCollection("users")], audience=lambda u: [f"team-{u.username}"]
+    )
     try:
         with capture_directives() as captured:
             User.objects.create_user("erin")
@@ -98,7 +100,11 @@ def errors_for(**declaration: Any) -> list[checks.CheckMessage]:
             "verity_django.E105",
             "mode must be 'exact' or 'contains'",
         ),
-        ({"directives": [RefreshCollection("todos", params="status")]}, "verity_django.E106", "params"),
+        (
+            {"directives": [RefreshCollection("todos", params="status")]},
+            "verity_django.E106",
+            "params",
+        ),
         ({"directives": [RefreshItem("todo", result="x")]}, "verity_django.E107", "callable"),
         (
             {"directives": [RefreshCollection("todos", params=["colour"])]},
@@ -110,7 +116,11 @@ def errors_for(**declaration: Any) -> list[checks.CheckMessage]:
             "verity_django.E108",
             "not a concrete field",
         ),
-        ({"directives": [RefreshCollection("todos", params=["tags"])]}, "verity_django.E108", "tags"),
+        (
+            {"directives": [RefreshCollection("todos", params=["tags"])]},
+            "verity_django.E108",
+            "tags",
+        ),
         ({"directives": [], "audience": "not valid!"}, "verity_django.E109", "directive_audience"),
         ({"directives": [], "relations": ["title"]}, "verity_django.E110", "many-to-many"),
     ],

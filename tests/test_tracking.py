@@ -34,7 +34,11 @@ def test_old_values_come_from_load_time(todo: Todo) -> None:
         loaded.status = "active"
         loaded.save()
     per_batch = [
-        [x.to_dict()["params"]["status"] for x in batch.directives() if x.params and "status" in x.params]
+        [
+            x.to_dict()["params"]["status"]
+            for x in batch.directives()
+            if x.params and "status" in x.params
+        ]
         for batch in captured.batches
     ]
     assert per_batch == [["active", "done"], ["done", "active"]]
