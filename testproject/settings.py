@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "verity-demo-not-secret")
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "verity-demo-secret-key-not-for-production-use")
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"]
 
