@@ -67,8 +67,14 @@ def _database() -> dict[str, object]:
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": os.environ.get("VERITY_SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
-            # Several processes (server, management commands) write one file.
-            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+            # Several processes (server, management commands) share one file:
+            # WAL lets the event tailer read while requests write, and
+            # IMMEDIATE takes the write lock up front instead of failing late.
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
         }
     parts = urlsplit(url)
     return {

@@ -176,9 +176,7 @@ async def test_command_in_another_process_reaches_clients_without_redis(
             check=True,
         )
         await consumer.wait_for(lambda c: len(c.envelopes) >= 3, WAIT)
-    print(
-        f"force reload from another process reached the client {latency:.2f} s after the command started"
-    )
+    print(f"force reload from another process reached the client {latency:.2f} s after start")
     reload_envelope = consumer.envelopes[0]
     assert reload_envelope.source is None
     assert reload_envelope.directives[0]["op"] == "force_reload_page"
