@@ -22,7 +22,7 @@ from copy import deepcopy
 from typing import Any, Protocol
 
 from django.conf import settings
-from django.db import IntegrityError, router, transaction
+from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F
 from django_eventstream.event import Event
 from django_eventstream.storage import EventDoesNotExist, StorageBase
@@ -67,14 +67,15 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
 
         db = router.db_for_write(EventRow)
         with transaction.atomic(using=db):
-            counters = EventCounter.objects.using(db).filter(name=channel)
-            if not counters.update(value=F("value") + 1):
+            seq = _increment(db, EventCounter, channel)
+            if seq is None:
                 try:
                     with transaction.atomic(using=db):
                         EventCounter.objects.using(db).create(name=channel, value=1)
+                    seq = 1
                 except IntegrityError:
-                    counters.update(value=F("value") + 1)
-            seq = counters.values_list("value", flat=True).get()
+                    seq = _increment(db, EventCounter, channel)
+            assert seq is not None
             data = render(seq)
             EventRow.objects.using(db).create(channel=channel, type=event_type, data=data, eid=seq)
         self._maybe_trim(db)
@@ -120,6 +121,24 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
 
         cutoff = timezone.now() - datetime.timedelta(seconds=conf.EVENT_RETENTION)
         EventRow.objects.using(db).filter(created__lt=cutoff).delete()
+
+
+def _increment(db: str, counter_model: Any, channel: str) -> int | None:
+    """Add one to the channel's counter and return it, in one statement."""
+    connection = connections[db]
+    if connection.vendor not in ("postgresql", "sqlite"):
+        counters = counter_model.objects.using(db).filter(name=channel)
+        if not counters.update(value=F("value") + 1):
+            return None
+        return int(counters.values_list("value", flat=True).get())
+    table = connection.ops.quote_name(counter_model._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET value = value + 1 WHERE name = %s RETURNING value",
+            [channel],
+        )
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
 
 
 # Allocating the id, storing the event and publishing it to django-eventstream's
