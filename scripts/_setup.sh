@@ -47,7 +47,9 @@ setup_venv() {
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -m pip install -q --disable-pip-version-check \
         -c requirements/constraints.txt -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c 'import verity_django, django, rest_framework, django_eventstream' || {
+    # django_eventstream reads settings when imported, so it is only located here.
+    .venv/bin/python -c 'import importlib.util, verity_django, django, rest_framework
+assert importlib.util.find_spec("django_eventstream")' || {
         echo "The virtualenv in .venv is incomplete; remove it and run again." >&2
         return 1
     }
