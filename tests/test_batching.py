@@ -207,3 +207,13 @@ def test_change_committed_after_its_batch_closed_is_still_delivered(alice: Any) 
             Project.objects.create(name="a", owner=alice)
         assert captured.batches == []
     assert captured == [{"op": "refresh_collection", "name": "projects"}]
+
+
+def test_disabled_works_as_a_decorator(todo: Todo) -> None:
+    @verity_django.disabled()
+    def migrate_data() -> None:
+        todo.save()
+
+    with capture_directives() as captured:
+        migrate_data()
+    assert captured == []

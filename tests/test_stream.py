@@ -122,3 +122,22 @@ async def test_revoking_access_cuts_a_live_stream(alice: Any) -> None:
     # django-eventstream re-checks permission and repeats the error, then the stream ends.
     assert rest
     assert all("stream-error" in x for x in rest)
+
+
+async def test_user_audiences_can_be_added_automatically(alice: Any) -> None:
+    with override_settings(VERITY={"AUTO_SUBSCRIBE_USER_AUDIENCES": True}):
+        response = await open_stream(alice, "")
+        stream = response.streaming_content
+        hellos = await messages(stream, 2)
+    assert [h["audience"] for h in hellos] == ["global", f"user-{alice.pk}"]
+    await stream.aclose()
+
+
+async def test_global_can_require_authentication(db: Any) -> None:
+    client = AsyncClient()
+    with override_settings(VERITY={"GLOBAL_REQUIRES_AUTHENTICATION": True}):
+        refused = await client.get("/api/events")
+    assert refused.status_code == 403
+    allowed = await client.get("/api/events")
+    assert allowed.status_code == 200
+    await allowed.streaming_content.aclose()

@@ -60,12 +60,12 @@ def events(request: HttpRequest) -> HttpResponseBase:
             return _error(400, str(exc))
         if audience not in audiences:
             audiences.append(audience)
+    if not audiences:
+        audiences = [GLOBAL]
     if conf.AUTO_SUBSCRIBE_USER_AUDIENCES:
         for audience in conf.USER_AUDIENCES(request.user):
             if audience not in audiences:
                 audiences.append(audience)
-    if not audiences:
-        audiences = [GLOBAL]
     if len(audiences) > conf.MAX_AUDIENCES_PER_CONNECTION:
         return _error(400, f"At most {conf.MAX_AUDIENCES_PER_CONNECTION} audiences per connection.")
     client_id = request.GET.get(conf.CLIENT_ID_PARAM) or None
