@@ -33,6 +33,7 @@ _MAX_DEPTH = 4
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 JSON_SEPARATORS = (",", ":")
+_METADATA_ATTRS = frozenset({"idempotency_key", "timestamp", "audience", "source", "seq", "result"})
 
 
 class InvalidDirective(ValueError):
@@ -101,7 +102,16 @@ class Directive:
         return hash(self._identity)
 
     def with_metadata(self, **changes: Any) -> Directive:
-        return replace(self, **changes)
+        """A copy with other metadata. What the directive means is unchanged,
+        so only metadata is validated again (this runs for every directive
+        of every change)."""
+        if not set(changes) <= _METADATA_ATTRS:
+            return replace(self, **changes)
+        copy = object.__new__(Directive)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__.update(changes)
+        _validate_metadata(copy)
+        return copy
 
     def to_dict(self, *, metadata: bool = True) -> dict[str, Any]:
         """The contract's JSON object, with no ``null`` noise."""
@@ -250,6 +260,11 @@ def _validate(d: Directive, depth: int) -> None:
         raise InvalidDirective(f"{op}: 'hard' must be a boolean, got {_kind(d.hard)}")
     if d.hard and op != "force_reload_page":
         raise InvalidDirective(f"{op}: 'hard' is not a field of this op")
+    _validate_metadata(d)
+
+
+def _validate_metadata(d: Directive) -> None:
+    op = d.op
     if op == "force_reload_page" and d.source is not None:
         raise InvalidDirective(
             "force_reload_page: must not carry a 'source' (every client reloads)"

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from django.conf import settings
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models import F
+from django.utils import timezone
 from django_eventstream.event import Event
 from django_eventstream.storage import EventDoesNotExist, StorageBase
 
@@ -77,7 +78,7 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
                     seq = _increment(db, EventCounter, channel)
             assert seq is not None
             data = render(seq)
-            EventRow.objects.using(db).create(channel=channel, type=event_type, data=data, eid=seq)
+            _insert_event(db, EventRow, channel, event_type, data, seq)
         self._maybe_trim(db)
         return Event(channel, event_type, data, id=seq)
 
@@ -116,7 +117,6 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
             if now - DatabaseStorage._last_trim < _TRIM_EVERY:
                 return
             DatabaseStorage._last_trim = now
-        from django.utils import timezone
         from django_eventstream.models import Event as EventRow
 
         cutoff = timezone.now() - datetime.timedelta(seconds=conf.EVENT_RETENTION)
@@ -139,6 +139,24 @@ def _increment(db: str, counter_model: Any, channel: str) -> int | None:
         )
         row = cursor.fetchone()
     return None if row is None else int(row[0])
+
+
+def _insert_event(
+    db: str, event_model: Any, channel: str, event_type: str, data: str, seq: int
+) -> None:
+    """One INSERT: django-eventstream's ``Event.save()`` would look the
+    counter up again."""
+    connection = connections[db]
+    meta = event_model._meta
+    quote = connection.ops.quote_name
+    names = ("channel", "type", "data", "eid", "created")
+    columns = ", ".join(quote(meta.get_field(name).column) for name in names)
+    created = meta.get_field("created").get_db_prep_value(timezone.now(), connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s, %s)",
+            [channel, event_type, data, seq, created],
+        )
 
 
 # Allocating the id, storing the event and publishing it to django-eventstream's
