@@ -422,6 +422,8 @@ function renderDetail(projects) {
   }
   const data = rec.data;
   form.classList.toggle("is-loading", !data);
+  // Nothing typed before the item loads could be told apart from the server's value.
+  for (const el of form.elements) el.disabled = !data;
   $(".detail-status", form).textContent = data ? "" : rec.error ? `Could not load: ${rec.error.message}` : "Loading…";
   if (!data) return;
 
@@ -814,9 +816,20 @@ async function startSession(me) {
   render();
 }
 
+function clearInspector() {
+  els.inspectorList.replaceChildren();
+  els.inspectorEmpty.hidden = false;
+  lastGapEntry = null;
+}
+
 function endSession() {
   client.disconnect();
   client.reset();
+  // The next user of this window must not see the previous user's envelopes.
+  clearInspector();
+  els.resyncStatus.hidden = true;
+  state.status = "all";
+  state.project = null;
   state.user = null;
   state.live = false;
   state.selectedId = null;
@@ -976,11 +989,7 @@ function bindEvents() {
     );
   });
 
-  els.inspectorClear.addEventListener("click", () => {
-    els.inspectorList.replaceChildren();
-    els.inspectorEmpty.hidden = false;
-    lastGapEntry = null;
-  });
+  els.inspectorClear.addEventListener("click", clearInspector);
 
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && !state.editing && state.selectedId != null && !event.target.closest?.("input, textarea, select")) {
