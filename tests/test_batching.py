@@ -47,11 +47,13 @@ def test_whole_collection_subsumes_params_versions_per_audience() -> None:
             routed(d.refresh_collection("projects", {"x": 1}), "user-1"),
         ]
     )
-    assert [x.to_dict() for x in batch.directives()] == [
+    assert [x.to_dict(metadata=False) for x in batch.directives()] == [
         {"op": "refresh_collection", "name": "todos"},
         {"op": "refresh_collection", "name": "projects", "params": {"x": 1}},
     ]
-    by_audience = {a: [x.to_dict() for x in xs] for a, xs in batch.by_audience().items()}
+    by_audience = {
+        a: [x.to_dict(metadata=False) for x in xs] for a, xs in batch.by_audience().items()
+    }
     assert by_audience["user-1"] == [
         {"op": "refresh_collection", "name": "todos"},
         {"op": "refresh_collection", "name": "projects", "params": {"x": 1}},
@@ -217,3 +219,16 @@ def test_disabled_works_as_a_decorator(todo: Todo) -> None:
     with capture_directives() as captured:
         migrate_data()
     assert captured == []
+
+
+@transactional
+def test_changes_at_one_savepoint_level_share_one_commit_callback(alice: Any) -> None:
+    from django.db import connection
+
+    with capture_directives() as captured, transaction.atomic():
+        for i in range(50):
+            Todo.objects.create(title=f"t{i}", owner=alice)
+        # One callback for the directives of all 50 saves, then the batch's flush.
+        assert len(connection.run_on_commit) == 2
+    assert len(captured.batches) == 1
+    assert captured == [{"op": "refresh_collection", "name": "todos"}]

@@ -92,7 +92,8 @@ def errors_for(**declaration: Any) -> list[checks.CheckMessage]:
     [
         ({"directives": "todo"}, "verity_django.E101", "must be a list"),
         ({"directives": [object()]}, "verity_django.E102", "is not a directive rule"),
-        ({"directives": [RefreshItem("")]}, "verity_django.E103", "'name' must be a non-empty"),
+        ({"directives": [RefreshItem("")]}, "verity_django.E103", "missing required field 'name'"),
+        ({"directives": [RefreshItem("todo", level="a\nb")]}, "verity_django.E103", "'level'"),
         ({"directives": [RefreshItem("todo", on=["save"])]}, "verity_django.E104", "'on' must"),
         ({"directives": [RefreshItem("todo", on="update")]}, "verity_django.E104", "'on' must"),
         (

@@ -36,6 +36,14 @@ class _Entry:
     directive: d.Directive
     audiences: set[str]
     collapse_to: tuple[str, ...]
+    result_audiences: set[str] | None = None
+
+    def for_audience(self, audience: str) -> d.Directive:
+        if self.directive.result is None or self.result_audiences is None:
+            return self.directive
+        if audience in self.result_audiences:
+            return self.directive
+        return self.directive.with_metadata(result=None)
 
 
 @dataclass
@@ -51,10 +59,20 @@ class Batch:
             key = item.directive.identity
             entry = self._entries.get(key)
             if entry is None:
-                self._entries[key] = _Entry(item.directive, set(item.audiences), item.collapse_to)
+                # Metadata is stamped once per distinct directive, not per change.
+                directive = _stamp(item.directive, self.source)
+                self._entries[key] = _Entry(
+                    directive,
+                    set(item.audiences),
+                    item.collapse_to,
+                    None if item.result_audiences is None else set(item.result_audiences),
+                )
                 continue
             entry.audiences |= item.audiences
             if item.directive.result is not None:
+                entry.result_audiences = (
+                    None if item.result_audiences is None else set(item.result_audiences)
+                )
                 # The newest state wins, under the key clients may already know.
                 entry.directive = item.directive.with_metadata(
                     idempotency_key=entry.directive.idempotency_key
@@ -105,7 +123,7 @@ class Batch:
         out: dict[str, list[d.Directive]] = {}
         for e in self._final_entries():
             for audience in sorted(e.audiences):
-                out.setdefault(audience, []).append(e.directive)
+                out.setdefault(audience, []).append(e.for_audience(audience))
         for audience, items in out.items():
             whole = {x.name for x in items if _is_whole_collection(x)}
             out[audience] = [x for x in items if not _is_subsumed(x, whole)]
@@ -188,16 +206,53 @@ def collect(routed: list[Routed], *, using: str | None = None) -> None:
     if not routed:
         return
     scope = _scope.get()
-    source = scope.source if scope is not None else None
-    routed = [Routed(_stamp(r.directive, source), r.audiences, r.collapse_to) for r in routed]
     connection = connections[using or DEFAULT_DB_ALIAS]
     if not _in_transaction(connection):
         _deliver_to(scope, routed)
         return
     target = scope if scope is not None else _transaction_batch(connection)
-    connection.on_commit(partial(_deliver_to, target, routed))
+    _open_part(connection, target).routed.extend(routed)
     if scope is None:
         _keep_flush_last(connection)
+
+
+class _Part:
+    """The directives of one savepoint level, delivered on commit.
+
+    Django discards an ``on_commit`` callback when a savepoint it was
+    registered under rolls back, so every change made at the same savepoint
+    level can share one callback: they commit or roll back together.
+    """
+
+    __slots__ = ("routed", "savepoints", "target")
+
+    def __init__(self, target: Batch, savepoints: tuple[str, ...]) -> None:
+        self.target = target
+        self.savepoints = savepoints
+        self.routed: list[Routed] = []
+
+    def __call__(self) -> None:
+        _deliver_to(self.target, self.routed)
+
+
+_PART_ATTR = "_verity_open_part"
+
+
+def _open_part(connection: Any, target: Batch) -> _Part:
+    savepoints = tuple(connection.savepoint_ids)
+    part: _Part | None = getattr(connection, _PART_ATTR, None)
+    if (
+        part is not None
+        and part.target is target
+        and part.savepoints == savepoints
+        # Still registered: a rollback of its savepoint or transaction drops it.
+        and any(entry[1] is part for entry in connection.run_on_commit[-2:])
+    ):
+        return part
+    part = _Part(target, savepoints)
+    setattr(connection, _PART_ATTR, part)
+    connection.on_commit(part)
+    return part
 
 
 def _stamp(directive: d.Directive, source: str | None) -> d.Directive:

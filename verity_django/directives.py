@@ -88,6 +88,17 @@ class Directive:
             self.hard,
         )
 
+    @classmethod
+    def trusted(cls, **fields: Any) -> Directive:
+        """Build without validation from values that are valid by
+        construction: rules check their names at start-up and turn field
+        values into JSON scalars. This runs for every directive of every save."""
+        directive = object.__new__(cls)
+        directive.__dict__.update(_DEFAULTS)
+        directive.__dict__.update(fields)
+        directive.__dict__["_identity"] = directive._compute_identity()
+        return directive
+
     @property
     def identity(self) -> tuple[Any, ...]:
         """What the directive means, without metadata or ``result``."""
@@ -168,6 +179,23 @@ class Directive:
         return cls(op=cast(Op, op), **kwargs)
 
 
+_DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "id": None,
+    "params": None,
+    "params_mode": "exact",
+    "level": None,
+    "targets": (),
+    "hard": False,
+    "result": None,
+    "idempotency_key": None,
+    "timestamp": None,
+    "audience": None,
+    "source": None,
+    "seq": None,
+}
+
+
 def refresh_collection(
     name: str,
     params: Mapping[str, Any] | None = None,
@@ -235,6 +263,7 @@ def _validate(d: Directive, depth: int) -> None:
                     raise InvalidDirective(
                         f"refresh_collection: params keys must be strings, got {key!r}"
                     )
+                _require_unicode(op, "params", key)
                 _require_json(op, f"params.{key}", value)
             object.__setattr__(d, "params", dict(d.params))
         if d.params_mode not in PARAMS_MODES:
@@ -305,12 +334,23 @@ def _require_text(op: str, name: str, value: Any) -> None:
         raise InvalidDirective(f"{op}: '{name}' is longer than {_MAX_TEXT} characters")
     if _CONTROL.search(value):
         raise InvalidDirective(f"{op}: '{name}' contains control characters")
+    _require_unicode(op, name, value)
+
+
+def _require_unicode(op: str, name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidDirective(f"{op}: '{name}' is not valid Unicode (lone surrogate)") from None
 
 
 def _require_json(op: str, name: str, value: Any, depth: int = 0) -> None:
     if depth > 32:
         raise InvalidDirective(f"{op}: '{name}' is nested too deeply")
-    if value is None or isinstance(value, str | bool | int):
+    if isinstance(value, str):
+        _require_unicode(op, name, value)
+        return
+    if value is None or isinstance(value, bool | int):
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -324,6 +364,7 @@ def _require_json(op: str, name: str, value: Any, depth: int = 0) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidDirective(f"{op}: '{name}' has a non-string key {key!r}")
+            _require_unicode(op, name, key)
             _require_json(op, name, item, depth + 1)
         return
     raise InvalidDirective(f"{op}: '{name}' must be JSON data, got {_kind(value)}")

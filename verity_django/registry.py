@@ -21,6 +21,7 @@ from django.db import models
 from django.db.models.signals import m2m_changed, post_delete, post_init, post_save
 
 from verity_django import batching, tracking
+from verity_django import directives as d
 from verity_django.audiences import GLOBAL, InvalidAudience, validate_audience
 from verity_django.conf import conf
 from verity_django.rules import (
@@ -69,9 +70,16 @@ class ModelRules:
     ) -> list[Routed]:
         audiences = self.audiences(old, new, instance)
         routed: list[Routed] = []
+        current: frozenset[str] | None = None
         for bound in self.rules:
             for directive, collapse_to in evaluate(bound, event, old, new, instance=instance):
-                routed.append(Routed(directive, audiences, collapse_to))
+                if directive.result is None:
+                    routed.append(Routed(directive, audiences, collapse_to))
+                    continue
+                if current is None:
+                    # The object's data goes only where the object is now.
+                    current = self.audiences(None, new, instance)
+                routed.append(Routed(directive, audiences, collapse_to, current))
         return routed
 
     def audiences(
@@ -106,7 +114,6 @@ class ModelRules:
                 names.extend(bound.collapse_to)
         if audiences is None:
             audiences = frozenset(self.audience_constants)
-        from verity_django import directives as d
 
         return [Routed(d.refresh_collection(n), audiences) for n in dict.fromkeys(names)]
 
@@ -225,9 +232,15 @@ def bind(model: type[models.Model], declaration: Declaration) -> ModelRules:
     tracked: dict[str, None] = {model._meta.pk.attname: None} if model._meta.pk else {}
     for rule in rules:
         ok = True
-        if not isinstance(rule.name, str) or not rule.name:
-            error(f"{rule!r}: 'name' must be a non-empty string.", "verity_django.E103")
-            ok = False
+        for attr in ("name", "level"):
+            value = getattr(rule, attr, None)
+            if attr == "level" and value is None:
+                continue
+            try:
+                d.Directive.from_dict({"op": "refresh_item", "name": "x", "id": 1, attr: value})
+            except d.InvalidDirective as exc:
+                error(f"{rule!r}: {attr!r} is not valid: {exc}.", "verity_django.E103")
+                ok = False
         bad_events = set(rule.on or ()) - EVENTS
         if rule.on is not None and (isinstance(rule.on, str) or bad_events):
             error(
@@ -477,8 +490,6 @@ def _on_m2m_changed(
 
 
 def _self_item_changes(bound: ModelRules, pks: Iterable[Any]) -> Iterator[Routed]:
-    from verity_django import directives as d
-
     audiences = frozenset(bound.audience_constants)
     for b in bound.rules:
         if isinstance(b.rule, RefreshItem) and b.rule.is_self:

@@ -98,6 +98,9 @@ class Routed:
     directive: d.Directive
     audiences: frozenset[str]
     collapse_to: tuple[str, ...] = ()
+    # Who may receive the directive's ``result`` (the object's data as it is
+    # now); None means every audience. The others get the directive without it.
+    result_audiences: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
