@@ -155,21 +155,25 @@ def evaluate(
             result = None
             if rule.result is not None and instance is not None and event != "delete":
                 result = _result_payload(rule, instance) if item_id == _pk_of(instance) else None
-            yield (
-                d.refresh_item(
+            key = _key(rule, instance, event)
+            if result is None and key is None:
+                directive = d.Directive.trusted(
+                    op="refresh_item", name=rule.name, id=to_json_value(item_id), level=rule.level
+                )
+            else:
+                directive = d.refresh_item(
                     rule.name,
                     to_json_value(item_id),
                     level=rule.level,
                     result=result,
-                    idempotency_key=_key(rule, instance, event),
-                ),
-                bound.collapse_to,
-            )
+                    idempotency_key=key,
+                )
+            yield directive, bound.collapse_to
         return
 
     param_fields = rule.param_fields()
     if not param_fields:
-        yield d.refresh_collection(rule.name, idempotency_key=_key(rule, instance, event)), ()
+        yield _collection(rule, None, _key(rule, instance, event)), ()
         return
     states = (old, new) if event == "update" else ((old,) if event == "delete" else (new,))
     seen: list[dict[str, Any]] = []
@@ -180,24 +184,24 @@ def evaluate(
         for param, field_name in param_fields.items():
             value = values.get(bound.attnames[field_name], MISSING)
             if value is MISSING:
-                yield (
-                    d.refresh_collection(rule.name, idempotency_key=_key(rule, instance, event)),
-                    (),
-                )
+                yield _collection(rule, None, _key(rule, instance, event)), ()
                 return
             params[param] = to_json_value(value)
         if params not in seen:
             seen.append(params)
     for params in seen:
-        yield (
-            d.refresh_collection(
-                rule.name,
-                params,
-                params_mode=rule.mode,
-                idempotency_key=_key(rule, instance, event),
-            ),
-            (),
-        )
+        yield _collection(rule, params, _key(rule, instance, event)), ()
+
+
+def _collection(
+    rule: RefreshCollection, params: dict[str, Any] | None, key: str | None
+) -> d.Directive:
+    mode = rule.mode if params else "exact"
+    if key is not None:
+        return d.refresh_collection(rule.name, params, params_mode=mode, idempotency_key=key)
+    return d.Directive.trusted(
+        op="refresh_collection", name=rule.name, params=params, params_mode=mode
+    )
 
 
 def _pk_of(instance: Any) -> Any:
