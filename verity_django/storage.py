@@ -182,26 +182,37 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
     """Events in Redis; also the cross-process publisher when
     ``EVENTSTREAM_REDIS`` points at the same server."""
 
-    def __init__(self) -> None:
-        self._client: Any = None
-        self._script: Any = None
+    # django-eventstream makes a storage per thread, and ASGI serves each
+    # request (each SSE connection) from a thread of its own: share one
+    # thread-safe client per process instead of a connection pool per thread.
+    _clients: dict[str, tuple[Any, Any]] = {}
+    _clients_lock = threading.Lock()
 
     @property
     def client(self) -> Any:
-        if self._client is None:
+        return self._client_and_script()[0]
+
+    def _client_and_script(self) -> tuple[Any, Any]:
+        details = getattr(settings, "EVENTSTREAM_STORAGE_CONNECTION", None)
+        if not isinstance(details, dict):
+            from django.core.exceptions import ImproperlyConfigured
+
+            raise ImproperlyConfigured(
+                "verity_django.storage.RedisStorage needs EVENTSTREAM_STORAGE_CONNECTION "
+                "(a dict of redis.Redis keyword arguments)."
+            )
+        key = repr(sorted(details.items()))
+        found = RedisStorage._clients.get(key)
+        if found is None:
             import redis
 
-            details = getattr(settings, "EVENTSTREAM_STORAGE_CONNECTION", None)
-            if not isinstance(details, dict):
-                from django.core.exceptions import ImproperlyConfigured
-
-                raise ImproperlyConfigured(
-                    "verity_django.storage.RedisStorage needs EVENTSTREAM_STORAGE_CONNECTION "
-                    "(a dict of redis.Redis keyword arguments)."
-                )
-            self._client = redis.Redis(**deepcopy(details))
-            self._script = self._client.register_script(_APPEND_SCRIPT)
-        return self._client
+            with RedisStorage._clients_lock:
+                found = RedisStorage._clients.get(key)
+                if found is None:
+                    client = redis.Redis(**deepcopy(details))
+                    found = (client, client.register_script(_APPEND_SCRIPT))
+                    RedisStorage._clients[key] = found
+        return found
 
     @staticmethod
     def _counter_key(channel: str) -> str:
@@ -224,9 +235,9 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
     def _append(
         self, channel: str, event_type: str, head: str, tail: str, *, sequenced: bool
     ) -> Event:
-        client = self.client
+        client, script = self._client_and_script()
         seq = int(
-            self._script(
+            script(
                 keys=[self._counter_key(channel)],
                 args=[
                     channel,

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, unquote
 
+from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
@@ -169,11 +170,24 @@ async def _stream(
     async for chunk in content:
         text = chunk.decode() if isinstance(chunk, bytes) else str(chunk)
         if first:
-            first = False
             text = _after_stream_open(text, hellos)
         out = connection.rewrite(text)
         if out:
             yield out.encode()
+        if first:
+            first = False
+            # Under ASGI each request has a thread of its own, holding its own
+            # database connection for as long as the stream lives. The stream
+            # has caught up from storage now; new envelopes arrive from memory.
+            await sync_to_async(close_old_connections_now)()
+
+
+def close_old_connections_now() -> None:
+    from django.db import connections
+
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close()
 
 
 class _Connection:
