@@ -25,6 +25,19 @@ class InvalidAudience(ValueError):
 
 
 def validate_audience(audience: Any) -> str:
+    if isinstance(audience, str) and audience in _valid:
+        return audience
+    _check(audience)
+    if len(_valid) < 10_000:
+        _valid.add(audience)
+    return audience  # type: ignore[no-any-return]
+
+
+# Audiences repeat on every save; remember the valid ones (bounded).
+_valid: set[str] = set()
+
+
+def _check(audience: Any) -> None:
     if not isinstance(audience, str):
         raise InvalidAudience(f"an audience must be a string, got {type(audience).__name__}")
     if not audience:
@@ -36,7 +49,6 @@ def validate_audience(audience: Any) -> str:
             f"invalid audience {audience!r}: use letters, digits, '-', '_' and '.', "
             "starting with a letter or digit"
         )
-    return audience
 
 
 def is_valid_audience(audience: Any) -> bool:

@@ -110,6 +110,16 @@ class BoundRule:
     rule: Rule
     attnames: Mapping[str, str] = field(default_factory=dict)
     collapse_to: tuple[str, ...] = ()
+    # Derived once at start-up; evaluate() runs on every save.
+    events: frozenset[str] = field(init=False)
+    params: tuple[tuple[str, str], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "events", self.rule.events())
+        params = self.rule.param_fields() if isinstance(self.rule, RefreshCollection) else {}
+        object.__setattr__(
+            self, "params", tuple((param, self.attnames[f]) for param, f in params.items())
+        )
 
 
 def to_json_value(value: Any) -> Any:
@@ -138,7 +148,7 @@ def evaluate(
     falls back to refreshing the whole collection rather than guessing.
     """
     rule = bound.rule
-    if event not in rule.events():
+    if event not in bound.events:
         return
     if isinstance(rule, RefreshItem):
         if rule.is_self and event == "delete":
@@ -171,8 +181,7 @@ def evaluate(
             yield directive, bound.collapse_to
         return
 
-    param_fields = rule.param_fields()
-    if not param_fields:
+    if not bound.params:
         yield _collection(rule, None, _key(rule, instance, event)), ()
         return
     states = (old, new) if event == "update" else ((old,) if event == "delete" else (new,))
@@ -181,8 +190,8 @@ def evaluate(
         if values is None:
             continue
         params: dict[str, Any] = {}
-        for param, field_name in param_fields.items():
-            value = values.get(bound.attnames[field_name], MISSING)
+        for param, attname in bound.params:
+            value = values.get(attname, MISSING)
             if value is MISSING:
                 yield _collection(rule, None, _key(rule, instance, event)), ()
                 return
