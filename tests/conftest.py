@@ -14,6 +14,14 @@ DIRECTIVE_HEADERS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_retries_across_tests() -> Any:
+    from verity_django import publishing
+
+    yield
+    publishing._retry.clear()
+
+
 @pytest.fixture
 def alice(db: Any) -> Any:
     return get_user_model().objects.create_user("alice", password="alice-password")

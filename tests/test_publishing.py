@@ -72,6 +72,12 @@ def test_publish_failure_never_fails_the_request(
     assert publishing.counters.envelopes_failed == before + 1
     assert "could not publish 4 directive(s) to audience 'user-" in caplog.text
     assert "storage is down" in caplog.text
+    # Once storage is back, the waiting envelope goes out first, in order.
+    monkeypatch.undo()
+    api.patch(f"/api/todos/{todo.pk}/", {"title": "y"}, format="json", **DIRECTIVE_HEADERS)
+    envelopes = stored(f"user-{todo.owner_id}")
+    assert [e["seq"] for e in envelopes][-2:] == [2, 3]
+    assert len(envelopes[-2]["directives"]) == 4
 
 
 def test_push_can_be_switched_off(api: APIClient, todo: Todo) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -82,14 +83,14 @@ def envelope(seq: int, source: str | None = None, audience: str = "global") -> s
 
 def test_rewrite_drops_envelopes_already_delivered() -> None:
     connection = _Connection({"global": 2}, None)
-    out = connection.rewrite(envelope(2) + envelope(3) + envelope(3) + envelope(4))
+    out = asyncio.run(connection.rewrite(envelope(2) + envelope(3) + envelope(3) + envelope(4)))
     seqs = [json.loads(line[6:])["seq"] for line in out.splitlines() if line.startswith("data: ")]
     assert seqs == [3, 4]
 
 
 def test_rewrite_turns_own_envelope_into_an_empty_one_with_the_same_seq() -> None:
     connection = _Connection({"global": 0}, "me")
-    out = connection.rewrite(envelope(1, source="me") + envelope(2, source="other"))
+    out = asyncio.run(connection.rewrite(envelope(1, source="me") + envelope(2, source="other")))
     datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
     assert datas[0] == {"type": "directives", "seq": 1, "audience": "global", "directives": []}
     assert datas[1]["source"] == "other"
@@ -99,4 +100,41 @@ def test_rewrite_turns_own_envelope_into_an_empty_one_with_the_same_seq() -> Non
 def test_rewrite_keeps_keep_alives_and_other_events() -> None:
     connection = _Connection({"global": 0}, "me")
     text = "event: keep-alive\ndata:\n\n"
-    assert connection.rewrite(text) == text
+    assert asyncio.run(connection.rewrite(text)) == text
+
+
+def test_rewrite_fills_a_gap_from_storage() -> None:
+    fetched: list[tuple[str, int, int]] = []
+
+    async def fetch(audience: str, after: int, before: int) -> list[str]:
+        fetched.append((audience, after, before))
+        return [envelope(seq).split("data: ", 1)[1].strip() for seq in range(after + 1, before)]
+
+    connection = _Connection({"global": 1}, None, fetch)
+    out = asyncio.run(connection.rewrite(envelope(2) + envelope(5)))
+    seqs = [json.loads(line[6:])["seq"] for line in out.splitlines() if line.startswith("data: ")]
+    assert seqs == [2, 3, 4, 5]
+    assert fetched == [("global", 2, 5)]
+
+
+def test_rewrite_turns_a_restarted_counter_into_a_hello_reset() -> None:
+    connection = _Connection({"global": 0}, None)
+    asyncio.run(connection.rewrite(envelope(1) + envelope(2) + envelope(3)))
+    restarted = envelope(2, source="after-restart")
+    out = asyncio.run(connection.rewrite(restarted + envelope(3, source="after-restart")))
+    datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
+    assert datas[0] == {"type": "hello", "audience": "global", "last_seq": 0}
+    assert [x["seq"] for x in datas[1:]] == [2, 3]
+
+
+def test_rewrite_turns_a_stream_reset_into_hellos_that_force_a_resync() -> None:
+    connection = _Connection({"global": 20, "user-1": 3}, None)
+    reset = (
+        "event: stream-reset\nid: verity.global:10,verity.user-1:3\n"
+        'data: {"channels": ["verity.global"]}\n\n'
+    )
+    out = asyncio.run(connection.rewrite(reset))
+    datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith('data: {"type')]
+    assert {"type": "hello", "audience": "global", "last_seq": 0} in datas
+    assert {"type": "hello", "audience": "global", "last_seq": 10} in datas
+    assert connection.delivered["global"] == 10

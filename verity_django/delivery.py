@@ -84,6 +84,10 @@ class Tailer:
                 await asyncio.sleep(conf.POLL_INTERVAL)
 
     async def _step(self) -> None:
+        from verity_django import publishing
+
+        if publishing._retry:
+            await self._in_thread(publishing.retry_failed)
         active = self._active_channels()
         for channel in list(self.positions):
             if channel not in active:
@@ -194,3 +198,65 @@ def offer(channel: str, event: Event) -> None:
     if current is None or current.loop.is_closed():
         return
     current.offer_threadsafe(channel, event)
+
+
+_redis_task: asyncio.Task[None] | None = None
+
+
+def supervise_redis_listener() -> None:
+    """Run django-eventstream's Redis subscription under a supervisor.
+
+    django-eventstream starts the subscription once, and if it dies (Redis
+    down for longer than the client retries) it never starts it again: live
+    streams then only get keep-alives. The supervisor restarts it with
+    backoff, and makes every stream re-read storage for what it missed.
+    """
+    global _redis_task
+    from django_eventstream.views import get_listener_manager
+
+    loop = asyncio.get_running_loop()
+    if _redis_task is not None and not _redis_task.done() and _redis_task.get_loop() is loop:
+        return
+    manager = get_listener_manager()
+    if manager.redis_listener is None:
+        return
+    with manager.lock:
+        # Keeps django-eventstream from starting an unsupervised one.
+        manager.redis_listener_started = True
+    _redis_task = loop.create_task(_run_redis_listener(manager), name="verity-redis-listener")
+
+
+async def _run_redis_listener(manager: Any) -> None:
+    from django_eventstream.views import RedisListener
+
+    backoff = 0.5
+    restarted = False
+    while True:
+        if restarted:
+            manager.redis_listener = RedisListener()
+        listening = asyncio.ensure_future(manager.redis_listener.start())
+        if restarted:
+            # Give the new subscription a moment, then let every stream catch
+            # up from storage; anything later arrives through the subscription.
+            await asyncio.sleep(0.5)
+            _reread_all(manager)
+        try:
+            await listening
+            backoff = 0.5
+        except asyncio.CancelledError:
+            listening.cancel()
+            raise
+        except Exception as exc:
+            logger.warning("verity_django: Redis subscription lost (%s); restarting", exc)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
+        restarted = True
+
+
+def _reread_all(manager: Any) -> None:
+    with manager.lock:
+        listeners = {x for group in manager.listeners_by_channel.values() for x in group}
+        for listener in listeners:
+            listener.overflow = True
+    for listener in listeners:
+        listener.aevent.set()

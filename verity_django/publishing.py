@@ -12,6 +12,7 @@ and counted; it never reaches the request that caused it.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ _ENVELOPE_HEAD = '{"type":"directives","seq":'
 class Counters:
     envelopes_published: int = 0
     envelopes_failed: int = 0
+    envelopes_dropped: int = 0
     batches_delivered: int = 0
 
 
@@ -68,16 +70,63 @@ class Published:
     data: str
 
 
+# Envelopes whose publishing failed, retried in order before this process
+# publishes anything else, so that a storage outage delays them instead of
+# losing them. Bounded: past it the oldest are dropped (and counted).
+_RETRY_LIMIT = 10_000
+_retry: collections.deque[tuple[str, Sequence[d.Directive], str | None]] = collections.deque()
+_retry_lock = threading.Lock()
+
+
 def publish(
     audience: str, items: Sequence[d.Directive], *, source: str | None = None
 ) -> Published | None:
     """Store and send one envelope; never raises for a transport failure."""
+    with _retry_lock:
+        while _retry:
+            waiting = _retry[0]
+            if _attempt(*waiting) is None:
+                _count("envelopes_failed")
+                logger.error(
+                    "verity_django: could not publish %d directive(s) to audience %r "
+                    "(source %r): %d earlier envelope(s) still wait; will retry",
+                    len(items),
+                    audience,
+                    source,
+                    len(_retry),
+                )
+                _queue_for_retry(audience, items, source)
+                return None
+            _retry.popleft()
+        published = _attempt(audience, items, source)
+        if published is None:
+            _queue_for_retry(audience, items, source)
+        return published
+
+
+def _queue_for_retry(audience: str, items: Sequence[d.Directive], source: str | None) -> None:
+    if len(_retry) >= _RETRY_LIMIT:
+        _retry.popleft()
+        _count("envelopes_dropped")
+    _retry.append((audience, items, source))
+
+
+def retry_failed() -> None:
+    """Publish what earlier failures left waiting (the tailer calls this)."""
+    if _retry:
+        with _retry_lock:
+            while _retry and _attempt(*_retry[0]) is not None:
+                _retry.popleft()
+
+
+def _attempt(audience: str, items: Sequence[d.Directive], source: str | None) -> Published | None:
     try:
         return publish_or_raise(audience, items, source=source)
     except Exception:
         _count("envelopes_failed")
         logger.exception(
-            "verity_django: could not publish %d directive(s) to audience %r (source %r)",
+            "verity_django: could not publish %d directive(s) to audience %r (source %r); "
+            "will retry",
             len(items),
             audience,
             source,

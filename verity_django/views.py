@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -33,6 +33,7 @@ from verity_django import directives as d
 from verity_django.audiences import (
     GLOBAL,
     InvalidAudience,
+    audience_for,
     can_read,
     channel_for,
     validate_audience,
@@ -41,6 +42,8 @@ from verity_django.conf import conf
 
 MAX_CLIENT_ID = 200
 MAX_LAST_EVENT_ID = 4096
+# django-eventstream re-sends at most its queue (10 events) after an overflow.
+_RECENT = 32
 _CLIENT_ID = re.compile(r"[\x21-\x7e]+")
 _ENVELOPE = re.compile(r'\{"type":"directives","seq":(\d+),"audience":"([^"\\]*)"')
 
@@ -161,19 +164,28 @@ async def _stream(
     *,
     use_tailer: bool,
 ) -> AsyncIterator[bytes]:
-    if use_tailer:
-        from verity_django.delivery import tailer
+    from verity_django.delivery import supervise_redis_listener, tailer
 
+    if use_tailer:
         tailer().track(dict(starts))
-    connection = _Connection({channels[c]: seq for c, seq in starts.items()}, client_id)
+    else:
+        supervise_redis_listener()
+    connection = _Connection(
+        {channels[c]: seq for c, seq in starts.items()}, client_id, _fetch_stored
+    )
     first = True
     async for chunk in content:
         text = chunk.decode() if isinstance(chunk, bytes) else str(chunk)
+        # Drop each chunk before waiting for the next: an idle stream must not
+        # keep its last (possibly large) burst alive.
+        del chunk
         if first:
             text = _after_stream_open(text, hellos)
-        out = connection.rewrite(text)
+        out = (await connection.rewrite(text)).encode()
+        del text
         if out:
-            yield out.encode()
+            yield out
+        del out
         if first:
             first = False
             # Under ASGI each request has a thread of its own, holding its own
@@ -193,36 +205,103 @@ def close_old_connections_now() -> None:
 class _Connection:
     """What one SSE connection has received, and who its client is."""
 
-    def __init__(self, delivered: dict[str, int], client_id: str | None) -> None:
+    def __init__(
+        self,
+        delivered: dict[str, int],
+        client_id: str | None,
+        fetch: Callable[[str, int, int], Awaitable[list[str]]] | None = None,
+    ) -> None:
         self.delivered = delivered
         self.client_id = client_id
+        self.fetch = fetch
+        # Hashes of the latest envelopes per audience: a seq seen again with
+        # the same content is a re-read; with other content, the storage
+        # started over (a Redis restart without persistence).
+        self.recent: dict[str, dict[int, int]] = {}
         # Envelopes are written by publishing.envelope_parts with this exact
         # spelling, so a substring test spares parsing every foreign envelope.
         self.marker = None if client_id is None else '"source":' + d.dumps(client_id) + ","
 
-    def rewrite(self, text: str) -> str:
-        if '"type":"directives"' not in text:
+    async def rewrite(self, text: str) -> str:
+        if '"type":"directives"' not in text and "event: stream-reset" not in text:
             return text
         kept: list[str] = []
         for block in text.split("\n\n"):
+            if block.startswith("event: stream-reset"):
+                kept.extend(self._reset(block))
+                continue
             at = block.find('data: {"type":"directives"')
             match = None if at < 0 else _ENVELOPE.match(block, at + 6)
             if match is None:
                 kept.append(block)
                 continue
             seq, audience = int(match.group(1)), match.group(2)
-            if seq <= self.delivered.get(audience, 0):
-                continue
-            self.delivered[audience] = seq
+            last = self.delivered.get(audience, 0)
             data = block[at + 6 :]
-            own = self.marker is not None and self.marker in data
-            if own and json.loads(data).get("source") == self.client_id:
-                echo: dict[str, Any] = {
-                    "type": "directives",
-                    "seq": seq,
-                    "audience": audience,
-                    "directives": [],
-                }
-                block = block[:at] + "data: " + d.dumps(echo)
-            kept.append(block)
+            recent = self.recent.setdefault(audience, {})
+            if seq <= last:
+                if recent.get(seq, hash(data)) == hash(data):
+                    continue
+                # Counting restarted below what this client holds. A hello
+                # with last_seq 0 resets it; the next seq then shows whether
+                # it missed anything (a gap, so it resyncs) or not (seq 1).
+                kept.append(_sse(d.dumps({"type": "hello", "audience": audience, "last_seq": 0})))
+                last = 0
+                recent.clear()
+            if seq > last + 1 and self.fetch is not None:
+                # django-eventstream skipped some (a Redis subscription that was
+                # not live yet, an overflow): read them back from storage.
+                for missing in await self.fetch(audience, last, seq):
+                    kept.append(self._envelope_block("", missing, audience))
+            self.delivered[audience] = seq
+            recent[seq] = hash(data)
+            if len(recent) > _RECENT:
+                del recent[min(recent)]
+            kept.append(self._envelope_block(block[:at], data, audience))
         return "\n\n".join(kept)
+
+    def _reset(self, block: str) -> list[str]:
+        """django-eventstream jumped to the storage's current id (the seq it
+        resumed from is gone). The Verity client ignores that event, so tell
+        it with hellos: one to 0, which it takes silently, then one to the
+        current seq, which it sees as a gap and resyncs."""
+        out = [block]
+        line = next((x for x in block.split("\n") if x.startswith("id: ")), "")
+        for part in line[4:].split(","):
+            name, _, value = part.rpartition(":")
+            audience = audience_for(unquote(name))
+            if audience is None or audience not in self.delivered or not value.isdigit():
+                continue
+            for seq in (0, int(value)):
+                out.append(_sse(d.dumps({"type": "hello", "audience": audience, "last_seq": seq})))
+            self.delivered[audience] = int(value)
+            self.recent.pop(audience, None)
+        return out
+
+    def _envelope_block(self, head: str, data: str, audience: str) -> str:
+        own = self.marker is not None and self.marker in data
+        if own and json.loads(data).get("source") == self.client_id:
+            echo: dict[str, Any] = {
+                "type": "directives",
+                "seq": json.loads(data)["seq"],
+                "audience": audience,
+                "directives": [],
+            }
+            data = d.dumps(echo)
+        return head + "data: " + data
+
+
+async def _fetch_stored(audience: str, after: int, before: int) -> list[str]:
+    return await sync_to_async(_stored_between, thread_sensitive=False)(audience, after, before)
+
+
+def _stored_between(audience: str, after: int, before: int) -> list[str]:
+    from django_eventstream.storage import EventDoesNotExist
+
+    from verity_django.publishing import storage
+
+    try:
+        events = storage().get_events(channel_for(audience), after, limit=before - after - 1)
+    except EventDoesNotExist:
+        return []  # trimmed: the client sees the jump and resyncs
+    return [e.data for e in events if int(e.id) < before]

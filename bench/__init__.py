@@ -1,0 +1,1 @@
+"""Benchmarks for verity_django: ``./scripts/bench [--quick]`` (see bench/README.md)."""

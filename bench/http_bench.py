@@ -1,0 +1,267 @@
+"""W1, W2, W4: request latency through Django + DRF under a real uvicorn.
+
+Two servers run side by side, each on an identically prepared SQLite file: the baseline with
+``VERITY_ENABLED=0`` and verity_django enabled. One sequential httpx client per
+server, logged in as alice, alternates requests between them (the order flips
+every repetition) so that machine noise hits both alike. Each repetition
+yields one median latency per side; the reported figures are the medians of
+those. Each server has one SSE listener on alice's audience, so delivery work
+is part of what is measured, and the verity listener must receive exactly
+one envelope per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from bench.harness import (
+    BenchAsgiServer,
+    EnvelopeCounter,
+    login,
+    sqlite_database,
+    wait_until,
+)
+from bench.report import Result, median, percentile
+from tests.live.servers import RedisServer, ServerError
+
+Request = Callable[[httpx.Client, int], httpx.Response]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repetitions: int
+    requests: int  # per side and repetition
+    warmup: int
+    listener: bool = True  # one SSE connection per server on alice's audience
+
+
+@dataclass
+class Side:
+    name: str
+    server: BenchAsgiServer
+    client: httpx.Client
+    counter: EnvelopeCounter
+    user_id: int
+    latencies: list[list[float]]
+    requests: int = 0
+
+
+@contextlib.contextmanager
+def two_servers(*, redis: bool, todos: int, listener: bool) -> Iterator[tuple[Side, Side]]:
+    """Baseline (verity disabled) and verity servers, logged in.
+
+    Each has a database (and Redis) of its own: a server delivers every
+    envelope stored in its database or published on its Redis, whichever
+    process sent it, so sharing would make the baseline deliver the verity
+    server's envelopes.
+    """
+    with contextlib.ExitStack() as stack:
+        sides: list[Side] = []
+        for name, enabled in (("baseline", "0"), ("verity", "1")):
+            db = stack.enter_context(sqlite_database(todos=todos))
+            env = {"VERITY_SQLITE_PATH": str(db), "VERITY_ENABLED": enabled}
+            if redis:
+                env["VERITY_REDIS"] = stack.enter_context(RedisServer()).address
+            server = BenchAsgiServer(env=env)
+            stack.enter_context(server)
+            client = login(server.base_url)
+            stack.callback(client.close)
+            user_id = int(client.get("/api/auth/me/").json()["id"])
+            counter = EnvelopeCounter(
+                server.port, f"/api/events?audience=user-{user_id}", dict(client.cookies)
+            )
+            if listener:
+                stack.enter_context(counter)
+            sides.append(Side(name, server, client, counter, user_id, []))
+        yield sides[0], sides[1]
+
+
+def measure(baseline: Side, verity: Side, request: Request, sizes: Sizes) -> None:
+    """Warm both up, then interleave timed requests, flipping the order per repetition."""
+    for side in (baseline, verity):
+        for i in range(sizes.warmup):
+            _checked(request(side.client, i))
+            side.requests += 1
+    counter = sizes.warmup
+    for rep in range(sizes.repetitions):
+        order = (baseline, verity) if rep % 2 == 0 else (verity, baseline)
+        samples: dict[str, list[float]] = {baseline.name: [], verity.name: []}
+        for _ in range(sizes.requests):
+            for side in order:
+                began = time.perf_counter()
+                response = request(side.client, counter)
+                elapsed = time.perf_counter() - began
+                _checked(response)
+                samples[side.name].append(elapsed * 1000)
+                side.requests += 1
+            counter += 1
+        baseline.latencies.append(samples[baseline.name])
+        verity.latencies.append(samples[verity.name])
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        raise ServerError(f"{response.request.url}: {response.status_code} {response.text[:300]}")
+    return response
+
+
+def summarize(
+    result_id: str,
+    what: str,
+    target_ratio: float,
+    baseline: Side,
+    verity: Side,
+    *,
+    envelopes_per_request: int,
+) -> Result:
+    base_medians = [median(x) for x in baseline.latencies]
+    verity_medians = [median(x) for x in verity.latencies]
+    base = median(base_medians)
+    ver = median(verity_medians)
+    ratio = ver / base
+    listening = verity.counter.hello
+    delivered = not listening or wait_until(
+        lambda: verity.counter.count() >= verity.requests * envelopes_per_request, timeout=10
+    )
+    notes: list[str] = []
+    if not listening:
+        notes.append("no SSE listener (--no-listener)")
+    elif not delivered:
+        notes.append(
+            f"the verity listener got {verity.counter.count()} envelopes for "
+            f"{verity.requests} requests"
+        )
+    if baseline.counter.count():
+        notes.append(f"the baseline listener got {baseline.counter.count()} envelopes")
+    pooled_base = [x for rep in baseline.latencies for x in rep]
+    pooled_verity = [x for rep in verity.latencies for x in rep]
+    return Result(
+        id=result_id,
+        what=what,
+        unit="ms",
+        baseline=base,
+        verity=ver,
+        ratio=ratio,
+        target=f"ratio ≤ {target_ratio:.2f}",
+        passed=ratio <= target_ratio and delivered and not baseline.counter.count(),
+        notes=notes,
+        details={
+            "baseline_rep_medians_ms": base_medians,
+            "verity_rep_medians_ms": verity_medians,
+            "paired_ratios": [v / b for v, b in zip(verity_medians, base_medians, strict=True)],
+            "baseline_p90_ms": percentile(pooled_base, 90),
+            "verity_p90_ms": percentile(pooled_verity, 90),
+            "requests_per_side": verity.requests,
+            "envelopes_received_by_verity_listener": verity.counter.count(),
+        },
+    )
+
+
+# --------------------------------------------------------------------------
+# W1 / W2: PATCH one todo
+# --------------------------------------------------------------------------
+
+
+def _first_todo(client: httpx.Client) -> int:
+    ids = client.get("/api/todos/").json()["ids"]
+    if not ids:
+        raise ServerError("alice has no todos (seed_demo did not run?)")
+    return int(ids[0])
+
+
+def run_patch(result_id: str, *, redis: bool, sizes: Sizes) -> Result:
+    """PATCH /api/todos/<id>/ toggling status: item + todos{status old/new} +
+    todos{project} + the parent project, one envelope to user-<alice>."""
+    with two_servers(redis=redis, todos=0, listener=sizes.listener) as (baseline, verity):
+        todo = {side.name: _first_todo(side.client) for side in (baseline, verity)}
+        sample = verity.client.patch(f"/api/todos/{todo['verity']}/", json={"status": "done"})
+        directives = [
+            (x["op"], x["name"], x.get("params")) for x in _checked(sample).json()["directives"]
+        ]
+        verity.requests += 1
+
+        def patch(client: httpx.Client, i: int) -> httpx.Response:
+            side = "verity" if client is verity.client else "baseline"
+            status = "active" if i % 2 == 0 else "done"
+            return client.patch(f"/api/todos/{todo[side]}/", json={"status": status})
+
+        measure(baseline, verity, patch, sizes)
+        transport = "Redis storage + pub/sub" if redis else "in-process delivery, SQLite storage"
+        result = summarize(
+            result_id,
+            f"PATCH /api/todos/&lt;id&gt;/ median latency ({transport})",
+            1.15 if redis else 1.10,
+            baseline,
+            verity,
+            envelopes_per_request=1,
+        )
+        result.details["directives_per_patch"] = directives
+        return result
+
+
+# --------------------------------------------------------------------------
+# W4: one request saving 200 rows in one transaction
+# --------------------------------------------------------------------------
+
+
+def _stats(client: httpx.Client, channel: str) -> dict[str, Any]:
+    response = _checked(client.get("/bench/stats/", params={"channel": channel}))
+    data: dict[str, Any] = response.json()
+    return data
+
+
+def run_save_many(sizes: Sizes, rows: int = 200) -> Result:
+    with two_servers(redis=False, todos=rows, listener=sizes.listener) as (baseline, verity):
+        channel = f"verity.user-{verity.user_id}"
+        sample = _checked(verity.client.post("/bench/save-many/", json={"count": rows})).json()
+        if sample["saved"] != rows:
+            raise ServerError(f"save-many saved {sample['saved']} rows, not {rows}")
+        pulled = [(x["op"], x["name"], x.get("params")) for x in sample["directives"]]
+        verity.requests += 1
+        before = _stats(verity.client, channel)
+
+        def save_many(client: httpx.Client, i: int) -> httpx.Response:
+            return client.post("/bench/save-many/", json={"count": rows})
+
+        measure(baseline, verity, save_many, sizes)
+        after = _stats(verity.client, channel)
+        requests = verity.requests - 1
+        published = (
+            after["counters"]["envelopes_published"] - before["counters"]["envelopes_published"]
+        )
+        stored = after["seq"][channel] - before["seq"][channel]
+        result = summarize(
+            "W4",
+            f"POST saving {rows} todos in one transaction, median latency",
+            1.10,
+            baseline,
+            verity,
+            envelopes_per_request=1,
+        )
+        one_each = published == requests and stored == requests
+        result.details.update(
+            {
+                "requests_counted": requests,
+                "envelopes_published": published,
+                "envelopes_stored_for_alice": stored,
+                "directives_per_request": pulled,
+            }
+        )
+        result.target += ", 1 envelope per audience"
+        if not one_each:
+            result.notes.append(
+                f"{published} envelopes published / {stored} stored for {requests} requests"
+            )
+            result.passed = False
+        else:
+            result.notes.append(
+                f"{published} envelopes for {requests} requests (1 audience each), "
+                f"{len(pulled)} directives each"
+            )
+        return result

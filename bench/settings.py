@@ -1,0 +1,25 @@
+"""Django settings for benchmark servers: the demo project plus bench-only URLs.
+
+The environment selects engines exactly as for ``testproject.settings``
+(``VERITY_SQLITE_PATH``, ``VERITY_REDIS``, ``VERITY_GRIP_URL``,
+``VERITY_ENABLED``); the benchmarks run with ``DJANGO_DEBUG=0``.
+"""
+
+from __future__ import annotations
+
+from testproject.settings import *  # noqa: F403
+
+ROOT_URLCONF = "bench.urls"
+
+# Request logging of every 4xx would flood a server log during fan-out runs;
+# errors still reach stderr.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "verity_django": {"handlers": ["console"], "level": "WARNING"},
+        "django_eventstream": {"handlers": ["console"], "level": "WARNING"},
+        "django.request": {"handlers": ["console"], "level": "ERROR"},
+    },
+}
