@@ -126,3 +126,10 @@ def test_identity_ignores_metadata_and_result_but_not_id_type() -> None:
 
 def test_wire_json_is_compact() -> None:
     assert d.dumps({"a": [1, "é"]}) == '{"a":[1,"é"]}'
+
+
+def test_params_identity_tells_json_types_apart() -> None:
+    ids = {d.refresh_collection("t", {"a": v}).identity for v in (1, True, 1.0, "1", None)}
+    assert len(ids) == 5
+    nested = d.refresh_collection("t", {"a": [1, {"b": 2}]})
+    assert nested.identity == d.refresh_collection("t", {"a": [1, {"b": 2}]}).identity

@@ -76,7 +76,7 @@ class Directive:
         object.__setattr__(self, "_identity", self._compute_identity())
 
     def _compute_identity(self) -> tuple[Any, ...]:
-        params = None if not self.params else dumps(_sorted(self.params))
+        params = None if not self.params else _params_identity(self.params)
         return (
             self.op,
             self.name,
@@ -368,6 +368,20 @@ def _require_json(op: str, name: str, value: Any, depth: int = 0) -> None:
             _require_json(op, name, item, depth + 1)
         return
     raise InvalidDirective(f"{op}: '{name}' must be JSON data, got {_kind(value)}")
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _params_identity(params: Mapping[str, Any]) -> Any:
+    """Params compared as JSON with sorted keys, cheaply for flat params.
+
+    The value's type is part of the key because JSON tells ``1`` from
+    ``true`` and ``1.0`` where Python's equality does not.
+    """
+    if all(type(v) in _SCALARS for v in params.values()):
+        return tuple(sorted((k, type(v), v) for k, v in params.items()))
+    return dumps(_sorted(params))
 
 
 def _sorted(value: Any) -> Any:
