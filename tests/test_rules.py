@@ -102,3 +102,13 @@ def test_result_and_level_and_key_builders() -> None:
     assert out["result"]["level"] == "expanded"
     assert out["result"]["data"] == {"id": 5}
     assert isinstance(out["result"]["ts"], int)
+
+
+def test_choices_members_become_plain_json_values() -> None:
+    from testproject.todos.models import Todo
+    from verity_django.rules import to_json_value
+
+    value = to_json_value(Todo.Status.DONE)
+    assert type(value) is str
+    assert value == "done"
+    assert to_json_value(True) is True

@@ -422,7 +422,7 @@ def _active() -> bool:
 
 def _on_post_init(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
     bound = _registry.get(sender)
-    if bound is not None:
+    if bound is not None and conf.ENABLED:
         tracking.snapshot(instance, bound.tracked)
 
 
@@ -435,7 +435,7 @@ def _on_post_save(
     **kwargs: Any,
 ) -> None:
     bound = _registry.get(sender)
-    if bound is None:
+    if bound is None or not conf.ENABLED:
         return
     new = tracking.current(instance, bound.tracked)
     if not raw and _active():

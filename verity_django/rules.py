@@ -124,8 +124,17 @@ class BoundRule:
 
 def to_json_value(value: Any) -> Any:
     """Field values as they appear in params and ids on the wire."""
-    if value is None or isinstance(value, str | bool | int | float):
+    if value is None or type(value) in (str, bool, int, float):
         return value
+    # Choices members (TextChoices, IntegerChoices) as the plain value they are.
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
     if isinstance(value, uuid.UUID | decimal.Decimal):
         return str(value)
     if isinstance(value, datetime.datetime | datetime.date | datetime.time):
