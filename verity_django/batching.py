@@ -36,7 +36,7 @@ class _Entry:
     directive: d.Directive
     audiences: set[str]
     collapse_to: tuple[str, ...]
-    result_audiences: set[str] | None = None
+    result_audiences: frozenset[str] | None = None
 
     def for_audience(self, audience: str) -> d.Directive:
         if self.directive.result is None or self.result_audiences is None:
@@ -65,14 +65,12 @@ class Batch:
                     directive,
                     set(item.audiences),
                     item.collapse_to,
-                    None if item.result_audiences is None else set(item.result_audiences),
+                    item.result_audiences,
                 )
                 continue
             entry.audiences |= item.audiences
             if item.directive.result is not None:
-                entry.result_audiences = (
-                    None if item.result_audiences is None else set(item.result_audiences)
-                )
+                entry.result_audiences = item.result_audiences
                 # The newest state wins, under the key clients may already know.
                 entry.directive = item.directive.with_metadata(
                     idempotency_key=entry.directive.idempotency_key

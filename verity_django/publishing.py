@@ -83,21 +83,18 @@ def publish(
 ) -> Published | None:
     """Store and send one envelope; never raises for a transport failure."""
     with _retry_lock:
-        while _retry:
-            waiting = _retry[0]
-            if _attempt(*waiting) is None:
-                _count("envelopes_failed")
-                logger.error(
-                    "verity_django: could not publish %d directive(s) to audience %r "
-                    "(source %r): %d earlier envelope(s) still wait; will retry",
-                    len(items),
-                    audience,
-                    source,
-                    len(_retry),
-                )
-                _queue_for_retry(audience, items, source)
-                return None
-            _retry.popleft()
+        if not _drain_retries():
+            _count("envelopes_failed")
+            logger.error(
+                "verity_django: could not publish %d directive(s) to audience %r "
+                "(source %r): %d earlier envelope(s) still wait; will retry",
+                len(items),
+                audience,
+                source,
+                len(_retry),
+            )
+            _queue_for_retry(audience, items, source)
+            return None
         published = _attempt(audience, items, source)
         if published is None:
             _queue_for_retry(audience, items, source)
@@ -115,8 +112,16 @@ def retry_failed() -> None:
     """Publish what earlier failures left waiting (the tailer calls this)."""
     if _retry:
         with _retry_lock:
-            while _retry and _attempt(*_retry[0]) is not None:
-                _retry.popleft()
+            _drain_retries()
+
+
+def _drain_retries() -> bool:
+    """Publish waiting envelopes in order; False if one still fails."""
+    while _retry:
+        if _attempt(*_retry[0]) is None:
+            return False
+        _retry.popleft()
+    return True
 
 
 def _attempt(audience: str, items: Sequence[d.Directive], source: str | None) -> Published | None:

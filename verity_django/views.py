@@ -191,10 +191,10 @@ async def _stream(
             # Under ASGI each request has a thread of its own, holding its own
             # database connection for as long as the stream lives. The stream
             # has caught up from storage now; new envelopes arrive from memory.
-            await sync_to_async(close_old_connections_now)()
+            await sync_to_async(_close_idle_connections)()
 
 
-def close_old_connections_now() -> None:
+def _close_idle_connections() -> None:
     from django.db import connections
 
     for connection in connections.all(initialized_only=True):
