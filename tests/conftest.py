@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connection
 from rest_framework.test import APIClient
 
 from testproject.todos.models import Project, Todo
@@ -12,6 +14,13 @@ DIRECTIVE_HEADERS = {
     "HTTP_X_VERITY_DIRECTIVE_REQUEST": "send me directives",
     "HTTP_X_CLIENT_ID": "client-a",
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _database_vendor_as_asked() -> None:
+    # A run meant for PostgreSQL must not pass quietly on SQLite.
+    expected = os.environ.get("VERITY_TEST_EXPECT_VENDOR")
+    assert expected in (None, connection.vendor), (expected, connection.vendor)
 
 
 @pytest.fixture(autouse=True)

@@ -75,6 +75,19 @@ def test_many_items_of_one_name_collapse_into_their_collection() -> None:
 
 
 @override_settings(VERITY={"COLLAPSE_THRESHOLD": 3})
+def test_pull_and_push_copies_of_a_collapsed_batch_share_their_keys() -> None:
+    batch = Batch(source="client-1")
+    batch.add(routed(d.refresh_item("todo", i), "user-1", collapse=("todos",)) for i in range(4))
+    batch.add([routed(d.refresh_item("project", 1), "user-1")])
+    pulled = {x.name: x.to_dict() for x in batch.directives()}
+    batch.add([routed(d.refresh_item("todo", 9), "user-1", collapse=("todos",))])
+    pushed = {x.name: x.to_dict() for x in batch.by_audience()["user-1"]}
+    assert pulled == pushed
+    assert sorted(pushed) == ["project", "todos"]
+    assert all(x["source"] == "client-1" for x in pushed.values())
+
+
+@override_settings(VERITY={"COLLAPSE_THRESHOLD": 3})
 def test_items_at_the_threshold_stay_items() -> None:
     batch = Batch()
     batch.add(routed(d.refresh_item("todo", i), collapse=("todos",)) for i in range(3))

@@ -5,11 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
+import verity_django
 from testproject.todos.models import Project, Tag, Todo
+from verity_django import registry
+from verity_django.rules import RefreshCollection
 from verity_django.testing import capture_directives
 
 
@@ -50,6 +55,81 @@ def test_large_update_collapses_to_a_few_collection_refreshes(
     assert sorted(x["name"] for x in captured.bare) == ["projects", "todos"]
     assert all(x["op"] == "refresh_collection" and "params" not in x for x in captured.bare)
     assert captured.audiences == {f"user-{alice.pk}", f"user-{bob.pk}"}
+
+
+def test_update_with_an_expression_on_a_params_field_reads_the_new_value(
+    alice: Any, project: Project
+) -> None:
+    todos = make_todos(alice, project, 2)
+    with capture_directives() as captured:
+        Todo.objects.filter(pk=todos[0].pk).update(status=Concat(Value("do"), Value("ne")))
+    params = [x["params"] for x in captured.bare if x.get("params", {}).keys() == {"status"}]
+    assert params == [{"status": "active"}, {"status": "done"}]
+    assert {"op": "refresh_collection", "name": "todos"} not in captured.bare
+
+
+@override_settings(VERITY={"COLLAPSE_THRESHOLD": 5})
+def test_large_update_moving_rows_to_another_owner_tells_both_owners(
+    alice: Any, bob: Any, project: Project
+) -> None:
+    make_todos(alice, project, 8)
+    with capture_directives() as captured:
+        Todo.objects.filter(owner=alice).update(owner=bob)
+    assert captured.for_audience(f"user-{bob.pk}") == [
+        {"op": "refresh_collection", "name": "todos"},
+        {"op": "refresh_collection", "name": "projects"},
+    ]
+    assert captured.audiences == {f"user-{alice.pk}", f"user-{bob.pk}"}
+
+
+@override_settings(VERITY={"COLLAPSE_THRESHOLD": 5})
+def test_large_update_by_expression_tells_the_owners_it_computes(
+    alice: Any, bob: Any, project: Project
+) -> None:
+    make_todos(alice, project, 8)
+    with capture_directives() as captured:
+        Todo.objects.filter(owner=alice).update(owner=Value(bob.pk))
+    assert captured.audiences == {f"user-{alice.pk}", f"user-{bob.pk}"}
+
+
+@override_settings(VERITY={"COLLAPSE_THRESHOLD": 5})
+def test_large_update_filtered_by_owner_needs_no_query_for_audiences(
+    alice: Any, bob: Any, project: Project
+) -> None:
+    make_todos(alice, project, 8)
+    make_todos(bob, project, 8)
+    with capture_directives() as captured, CaptureQueriesContext(connection) as queries:
+        Todo.objects.filter(owner=alice).update(status="done")
+    assert captured.audiences == {f"user-{alice.pk}"}
+    # The bounded pre-read and the UPDATE; the owner is in the filter.
+    assert len([q for q in queries if '"todos_todo"' in q["sql"]]) == 2
+    with capture_directives() as captured, CaptureQueriesContext(connection) as queries:
+        Todo.objects.exclude(owner=alice).update(status="done")
+    assert captured.audiences == {f"user-{bob.pk}"}
+    assert len([q for q in queries if '"todos_todo"' in q["sql"]]) == 3
+
+
+@pytest.mark.parametrize("rows", [2, 8])
+@override_settings(VERITY={"COLLAPSE_THRESHOLD": 5})
+def test_update_tells_callable_audiences_of_the_rows_as_they_are_now(alice: Any, rows: int) -> None:
+    declared = registry._declared[Project]
+    verity_django.register(
+        Project, directives=[RefreshCollection("projects")], audience=lambda p: f"team-{p.name}"
+    )
+    try:
+        Project.objects.bulk_create(Project(name="red", owner=alice) for _ in range(rows))
+        with capture_directives() as captured:
+            Project.objects.filter(name="red").update(name="blue")
+        assert captured.for_audience("team-blue") == [
+            {"op": "refresh_collection", "name": "projects"}
+        ]
+    finally:
+        verity_django.register(
+            Project,
+            directives=declared.directives,
+            audience=declared.audience,
+            relations=declared.relations,
+        )
 
 
 def test_bulk_create_emits_create_rules(alice: Any, project: Project) -> None:

@@ -37,6 +37,7 @@ class _Entry:
     audiences: set[str]
     collapse_to: tuple[str, ...]
     result_audiences: frozenset[str] | None = None
+    stamped: bool = False
 
     def for_audience(self, audience: str) -> d.Directive:
         if self.directive.result is None or self.result_audiences is None:
@@ -53,16 +54,17 @@ class Batch:
     source: str | None = None
     closed: bool = False
     _entries: dict[tuple[Any, ...], _Entry] = field(default_factory=dict)
+    # What crowded items collapsed into, kept so that every reading of the
+    # batch (pull, then push) shows the same idempotency keys.
+    _collapsed: dict[str, _Entry] = field(default_factory=dict)
 
     def add(self, routed: Iterable[Routed]) -> None:
         for item in routed:
             key = item.directive.identity
             entry = self._entries.get(key)
             if entry is None:
-                # Metadata is stamped once per distinct directive, not per change.
-                directive = _stamp(item.directive, self.source)
                 self._entries[key] = _Entry(
-                    directive,
+                    item.directive,
                     set(item.audiences),
                     item.collapse_to,
                     item.result_audiences,
@@ -72,9 +74,13 @@ class Batch:
             if item.directive.result is not None:
                 entry.result_audiences = item.result_audiences
                 # The newest state wins, under the key clients may already know.
-                entry.directive = item.directive.with_metadata(
-                    idempotency_key=entry.directive.idempotency_key
-                )
+                if entry.directive.idempotency_key is not None:
+                    entry.directive = item.directive.with_metadata(
+                        idempotency_key=entry.directive.idempotency_key
+                    )
+                else:
+                    entry.directive = item.directive
+                entry.stamped = False
 
     def __bool__(self) -> bool:
         return bool(self._entries)
@@ -87,8 +93,17 @@ class Batch:
             if e.directive.op == "refresh_item" and e.collapse_to:
                 counts[e.directive.name or ""] = counts.get(e.directive.name or "", 0) + 1
         crowded = {name for name, n in counts.items() if n > threshold}
-        if not crowded:
-            return entries
+        if crowded:
+            entries = self._collapse(entries, crowded)
+        # Metadata is stamped only on what survives collapsing, once per
+        # distinct directive, and kept for every later reading of the batch.
+        for e in entries:
+            if not e.stamped:
+                e.directive = _stamp(e.directive, self.source)
+                e.stamped = True
+        return entries
+
+    def _collapse(self, entries: list[_Entry], crowded: set[str]) -> list[_Entry]:
         kept: list[_Entry] = []
         replacements: dict[str, _Entry] = {}
         for e in entries:
@@ -96,7 +111,11 @@ class Batch:
                 for target in e.collapse_to:
                     repl = replacements.get(target)
                     if repl is None:
-                        repl = _Entry(_stamp(d.refresh_collection(target), self.source), set(), ())
+                        repl = self._collapsed.get(target)
+                        if repl is None:
+                            repl = _Entry(d.refresh_collection(target), set(), ())
+                            self._collapsed[target] = repl
+                        repl.audiences = set()
                         replacements[target] = repl
                     repl.audiences |= e.audiences
                 continue

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from django_eventstream.event import Event
@@ -44,8 +43,10 @@ class Tailer:
         self._offers: list[tuple[str, Event]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # One thread, so the tailer holds one database connection per process.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verity-tailer")
+        from verity_django.storage import reader
+
+        # The streams' reader threads: no database connection of its own.
+        self._executor = reader()
 
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
         return await self.loop.run_in_executor(self._executor, func, *args)
@@ -148,8 +149,7 @@ class Tailer:
 def _current_ids(channels: Iterable[str]) -> dict[str, int]:
     from verity_django.publishing import storage
 
-    with _fresh_connection_on_error():
-        return storage().get_current_ids(channels)
+    return storage().get_current_ids(channels)
 
 
 def _events_after(channel: str, position: int) -> tuple[list[Event], int | None]:
@@ -157,27 +157,12 @@ def _events_after(channel: str, position: int) -> tuple[list[Event], int | None]
 
     from verity_django.publishing import storage
 
-    with _fresh_connection_on_error():
-        try:
-            return list(storage().get_events(channel, position, limit=_PAGE)), None
-        except EventDoesNotExist as exc:
-            # Trimmed from storage: skip ahead; clients see the seq jump and resync.
-            logger.warning("verity_django: %s; skipping to %s", exc, exc.current_id)
-            return [], int(exc.current_id)
-
-
-class _fresh_connection_on_error:
-    """A failed query may leave this thread's connection unusable (a database
-    restart, say); drop it so that the next poll reconnects."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
-        if kind is not None:
-            from django.db import connections
-
-            connections.close_all()
+    try:
+        return list(storage().get_events(channel, position, limit=_PAGE)), None
+    except EventDoesNotExist as exc:
+        # Trimmed from storage: skip ahead; clients see the seq jump and resync.
+        logger.warning("verity_django: %s; skipping to %s", exc, exc.current_id)
+        return [], int(exc.current_id)
 
 
 _tailer: Tailer | None = None

@@ -16,7 +16,9 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from django.db import models, transaction
-from django.db.models.expressions import Combinable
+from django.db.models.expressions import Col, Combinable
+from django.db.models.lookups import Exact
+from django.db.models.sql.where import AND
 
 from verity_django import batching, registry, tracking
 from verity_django.conf import conf
@@ -32,21 +34,55 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
             return super().update(**kwargs)
         limit = conf.COLLAPSE_THRESHOLD
         tracked = bound.tracked
+        assignments = _assignments(self.model, kwargs)
+        # Values set by an expression are read before the update, computed by
+        # the database, so that the new status or owner is known, not guessed.
+        computed = {
+            attname: kwargs[name]
+            for name, attname in _attnames(self.model, kwargs).items()
+            if assignments[attname] is MISSING and attname in tracked
+        }
+        aliases = {f"verity_new_{i}": attname for i, attname in enumerate(computed)}
+        needs_instances = bound.needs_instances
+        pk_attname = self.model._meta.pk.attname
         with transaction.atomic(using=self.db, savepoint=False):
-            rows = list(self.values_list(*tracked)[: limit + 1])
+            # Ordering is irrelevant to which rows change; sorting costs.
+            pre = self.order_by()
+            if computed:
+                pre = pre.annotate(
+                    **{alias: computed[attname] for alias, attname in aliases.items()}
+                )
+            columns = [*tracked, *aliases, *([pk_attname] if needs_instances else [])]
+            rows = list(pre.values_list(*columns)[: limit + 1])
+            collapsing = len(rows) > limit
             audiences = None
-            if len(rows) > limit and bound.audience_fields:
-                audiences = _audiences_of(self, bound)
+            if collapsing:
+                audiences = _audiences_of(self, bound, assignments, computed)
+            pks: list[Any] = []
+            if needs_instances:
+                pks = (
+                    list(self.order_by().values_list(pk_attname, flat=True))
+                    if collapsing
+                    else [row[-1] for row in rows]
+                )
             count = super().update(**kwargs)
+            # Callable audiences, results and keys see the rows as they are now.
+            instances = _reload(self.model, self.db, pks) if pks else {}
         routed: list[Routed] = []
-        if len(rows) > limit:
-            routed = bound.collapsed(audiences)
+        if collapsing:
+            assert audiences is not None
+            for instance in instances.values():
+                audiences |= bound.audiences(None, None, instance)
+            routed = bound.collapsed(frozenset(audiences))
         else:
-            assignments = _assignments(self.model, kwargs)
+            width = len(tracked)
             for row in rows:
-                old = dict(zip(tracked, row, strict=True))
+                old = dict(zip(tracked, row[:width], strict=True))
                 new = {name: assignments.get(name, value) for name, value in old.items()}
-                routed.extend(bound.changes("update", old, new))
+                for offset, attname in enumerate(aliases.values()):
+                    new[attname] = row[width + offset]
+                instance = instances.get(row[-1]) if needs_instances else None
+                routed.extend(bound.changes("update", old, new, instance))
         batching.collect(routed, using=self.db)
         return count
 
@@ -84,8 +120,12 @@ class DirectiveManager(models.Manager.from_queryset(DirectiveQuerySet)):  # type
     """A manager whose bulk operations emit directives."""
 
 
+def _attnames(model: type[models.Model], kwargs: dict[str, Any]) -> dict[str, str]:
+    return {name: model._meta.get_field(name).get_attname() for name in kwargs}  # type: ignore[union-attr]
+
+
 def _assignments(model: type[models.Model], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """New attribute values of an ``update()``; expressions are unknown."""
+    """New attribute values of an ``update()``; expressions are MISSING."""
     out: dict[str, Any] = {}
     for name, value in kwargs.items():
         field = model._meta.get_field(name)
@@ -99,14 +139,61 @@ def _assignments(model: type[models.Model], kwargs: dict[str, Any]) -> dict[str,
     return out
 
 
-def _audiences_of(qs: models.QuerySet[Any], bound: registry.ModelRules) -> frozenset[str]:
+def _audiences_of(
+    qs: models.QuerySet[Any],
+    bound: registry.ModelRules,
+    assignments: dict[str, Any],
+    computed: dict[str, Any],
+) -> set[str]:
+    """Every audience the rows of ``qs`` belong to, before and after the update."""
     attnames = [attname for attname, _ in bound.audience_fields]
-    values: set[tuple[Any, ...]] = set(qs.order_by().values_list(*attnames).distinct())
-    rows = [dict(zip(attnames, v, strict=True)) for v in values]
-    out: set[str] = set(bound.audience_constants)
-    for row in rows:
-        out |= bound.audiences(row, None, None)
-    return frozenset(out)
+    new = {a: assignments[a] for a in attnames if a in assignments and a not in computed}
+    out: set[str] = set(bound.audiences(None, new, None))
+    pinned = _pinned(qs, attnames)
+    if pinned is not None and not any(a in computed for a in attnames):
+        # filter(owner=alice): the audience is in the query; no need to ask.
+        return out | bound.audiences(pinned, None, None)
+    if not attnames:
+        return out
+    reads = [a for a in attnames if a in computed]
+    distinct = qs.order_by()
+    if reads:
+        distinct = distinct.annotate(**{f"verity_new_{a}": computed[a] for a in reads})
+    columns = [*attnames, *(f"verity_new_{a}" for a in reads)]
+    for row in distinct.values_list(*columns).distinct():
+        values = dict(zip(attnames, row, strict=False))
+        after = dict(zip(reads, row[len(attnames) :], strict=True))
+        out |= bound.audiences(values, after, None)
+    return out
+
+
+def _pinned(qs: models.QuerySet[Any], attnames: list[str]) -> dict[str, Any] | None:
+    """The values the query's WHERE fixes with ``=`` for all of ``attnames``."""
+    where = qs.query.where
+    if not attnames or where.negated or where.connector != AND:
+        return None
+    table = qs.model._meta.db_table
+    pinned: dict[str, Any] = {}
+    for child in where.children:
+        if (
+            isinstance(child, Exact)
+            and isinstance(child.lhs, Col)
+            and child.lhs.alias == table
+            and child.lhs.target.attname in attnames
+            and not hasattr(child.rhs, "resolve_expression")
+        ):
+            pinned.setdefault(child.lhs.target.attname, child.rhs)
+    return pinned if len(pinned) == len(attnames) else None
+
+
+def _reload(model: type[models.Model], using: str, pks: list[Any]) -> dict[Any, Any]:
+    manager = model._base_manager.using(using)
+    out: dict[Any, Any] = {}
+    # Chunks keep each IN list under every backend's parameter limit.
+    for start in range(0, len(pks), 500):
+        for instance in manager.filter(pk__in=pks[start : start + 500]):
+            out[instance.pk] = instance
+    return out
 
 
 __all__ = ["DirectiveManager", "DirectiveQuerySet"]

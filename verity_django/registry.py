@@ -61,6 +61,15 @@ class ModelRules:
     relations: tuple[models.ManyToManyField[Any, Any], ...]
     errors: list[checks.CheckMessage] = field(default_factory=list)
 
+    @property
+    def needs_instances(self) -> bool:
+        """Whether rows read as plain values are not enough to route a change."""
+        return bool(self.audience_callables) or any(
+            b.rule.idempotency_key is not None
+            or (isinstance(b.rule, RefreshItem) and b.rule.result is not None)
+            for b in self.rules
+        )
+
     def changes(
         self,
         event: str,

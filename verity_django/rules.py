@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -176,9 +177,8 @@ def evaluate(
                 result = _result_payload(rule, instance) if item_id == _pk_of(instance) else None
             key = _key(rule, instance, event)
             if result is None and key is None:
-                directive = d.Directive.trusted(
-                    op="refresh_item", name=rule.name, id=to_json_value(item_id), level=rule.level
-                )
+                json_id = to_json_value(item_id)
+                directive = _item(rule.name, type(json_id).__name__, json_id, rule.level)
             else:
                 directive = d.refresh_item(
                     rule.name,
@@ -194,32 +194,50 @@ def evaluate(
         yield _collection(rule, None, _key(rule, instance, event)), ()
         return
     states = (old, new) if event == "update" else ((old,) if event == "delete" else (new,))
-    seen: list[dict[str, Any]] = []
+    seen: list[_ParamsKey] = []
     for values in states:
         if values is None:
             continue
-        params: dict[str, Any] = {}
+        params: list[tuple[str, type, Any]] = []
         for param, attname in bound.params:
             value = values.get(attname, MISSING)
             if value is MISSING:
                 yield _collection(rule, None, _key(rule, instance, event)), ()
                 return
-            params[param] = to_json_value(value)
-        if params not in seen:
-            seen.append(params)
-    for params in seen:
-        yield _collection(rule, params, _key(rule, instance, event)), ()
+            value = to_json_value(value)
+            params.append((param, type(value), value))
+        frozen = tuple(params)
+        if frozen not in seen:
+            seen.append(frozen)
+    for frozen in seen:
+        yield _collection(rule, frozen, _key(rule, instance, event)), ()
 
 
-def _collection(
-    rule: RefreshCollection, params: dict[str, Any] | None, key: str | None
-) -> d.Directive:
+# Params as (name, JSON type, value) triples: the type keeps 1, 1.0 and True
+# apart, which Python's equality and hashing would merge.
+_ParamsKey = tuple[tuple[str, type, Any], ...]
+
+
+def _collection(rule: RefreshCollection, params: _ParamsKey | None, key: str | None) -> d.Directive:
     mode = rule.mode if params else "exact"
     if key is not None:
-        return d.refresh_collection(rule.name, params, params_mode=mode, idempotency_key=key)
-    return d.Directive.trusted(
-        op="refresh_collection", name=rule.name, params=params, params_mode=mode
-    )
+        as_dict = None if params is None else {name: value for name, _, value in params}
+        return d.refresh_collection(rule.name, as_dict, params_mode=mode, idempotency_key=key)
+    return _whole_or_params(rule.name, params, mode)
+
+
+# A save builds the same few directives as the previous save of the same kind
+# of row: directives are immutable and stamping copies them, so built ones are
+# shared. Bounded, because ids and params values come from the data.
+@functools.lru_cache(maxsize=4096)
+def _item(name: str, id_type: str, item_id: Any, level: str | None) -> d.Directive:
+    return d.Directive.trusted(op="refresh_item", name=name, id=item_id, level=level)
+
+
+@functools.lru_cache(maxsize=4096)
+def _whole_or_params(name: str, params: _ParamsKey | None, mode: str) -> d.Directive:
+    as_dict = None if params is None else {param: value for param, _, value in params}
+    return d.Directive.trusted(op="refresh_collection", name=name, params=as_dict, params_mode=mode)
 
 
 def _pk_of(instance: Any) -> Any:

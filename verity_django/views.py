@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from asgiref.sync import sync_to_async
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
@@ -52,6 +53,8 @@ def _error(status: int, detail: str, **extra: Any) -> JsonResponse:
     return JsonResponse({"detail": detail, **extra}, status=status)
 
 
+# Read-only, and a stream outlives any transaction ATOMIC_REQUESTS would open.
+@transaction.non_atomic_requests
 @require_GET
 def events(request: HttpRequest) -> HttpResponseBase:
     if len(request.META.get("QUERY_STRING", "")) > 8192:

@@ -1325,3 +1325,33 @@ def test_transactions_on_postgresql(postgres_database: str) -> None:
     assert result.returncode == 0, output
     expected = 2 * len(SCENARIOS) + 2
     assert re.search(rf"\b{expected} passed\b", output), output
+
+
+def test_storage_and_bulk_paths_on_postgresql(postgres_database: str) -> None:
+    """Storage (one-statement appends there) and update() audiences on PostgreSQL."""
+    result = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "pytest",
+            "tests/test_storage.py",
+            "tests/test_querysets.py",
+            "tests/test_publishing.py",
+            "-q",
+            "-p",
+            "no:warnings",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=REPO_ROOT,
+        env=child_env(
+            {"VERITY_DATABASE_URL": postgres_database, "VERITY_TEST_EXPECT_VENDOR": "postgresql"}
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert re.search(r"\b\d+ passed\b", output) and " failed" not in output, output
