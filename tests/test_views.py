@@ -127,6 +127,37 @@ def test_rewrite_turns_a_restarted_counter_into_a_hello_reset() -> None:
     assert [x["seq"] for x in datas[1:]] == [2, 3]
 
 
+def test_rewrite_counts_again_from_zero_once_the_storage_lost_its_data() -> None:
+    epoch = "before"
+    fetched: list[tuple[str, int, int]] = []
+
+    async def fetch(audience: str, after: int, before: int) -> list[str]:
+        fetched.append((audience, after, before))
+        return [envelope(seq).split("data: ", 1)[1].strip() for seq in range(after + 1, before)]
+
+    async def current_epoch() -> str:
+        return epoch
+
+    connection = _Connection(
+        {"global": 0, "user-1": 7}, None, fetch, epoch="before", current_epoch=current_epoch
+    )
+    asyncio.run(connection.rewrite("".join(envelope(seq) for seq in range(1, 41))))
+    # An old seq handed over again, storage unchanged: dropped.
+    assert asyncio.run(connection.rewrite(envelope(3))) == ""
+    epoch = "after"
+    # Redis came back empty; seq 1 and 2 of the new count went out before
+    # this stream subscribed again.
+    out = asyncio.run(connection.rewrite(envelope(3) + envelope(4)))
+    datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
+    assert datas[:2] == [
+        {"type": "hello", "audience": "global", "last_seq": 0},
+        {"type": "hello", "audience": "user-1", "last_seq": 0},
+    ]
+    assert [x["seq"] for x in datas[2:]] == [1, 2, 3, 4]
+    assert fetched[-1] == ("global", 0, 3)
+    assert connection.delivered == {"global": 4, "user-1": 0}
+
+
 def test_rewrite_turns_a_stream_reset_into_hellos_that_force_a_resync() -> None:
     connection = _Connection({"global": 20, "user-1": 3}, None)
     reset = (

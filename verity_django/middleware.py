@@ -63,14 +63,27 @@ class DirectiveMiddleware:
             self._inject_json(request, response)
         finally:
             batching._scope.reset(token)
-            if scope:
+            if scope and not scope.closed:
                 await sync_to_async(scope.close)()
             else:
                 scope.closed = True
         return response
 
     def process_template_response(self, request: HttpRequest, response: Any) -> Any:
-        if not hasattr(response, "data") or not conf.ENABLED:
+        if not conf.ENABLED:
+            return response
+        self._inject_drf(request, response)
+        # The view has returned and its transaction committed. Django runs
+        # this hook in a worker thread already, so publishing here spares the
+        # async path one more thread hop; later changes publish on their own.
+        scope = getattr(request, "verity_batch", None)
+        if isinstance(scope, batching.Batch):
+            scope.close()
+        return response
+
+    @staticmethod
+    def _inject_drf(request: HttpRequest, response: Any) -> Any:
+        if not hasattr(response, "data"):
             return response
         if not (conf.INJECT_DRF_RESPONSES or getattr(response, "verity_inject", False)):
             return response

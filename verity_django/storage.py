@@ -17,6 +17,7 @@ import datetime
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -262,6 +263,7 @@ def _insert_event(
 # cross-process pub/sub happen in one script, which Redis runs atomically: the
 # publish order is the id order for every listener in every process.
 _APPEND_SCRIPT = """
+redis.call('SET', KEYS[2], ARGV[9], 'NX')
 local id = redis.call('INCR', KEYS[1])
 local data = ARGV[3]
 if ARGV[7] == '1' then data = ARGV[3] .. id .. ARGV[4] end
@@ -275,6 +277,7 @@ return id
 
 # django-eventstream's RedisListener subscribes to this pub/sub channel.
 PUBSUB_CHANNEL = "events_channel"
+EPOCH_KEY = "verity:epoch"
 
 
 class RedisStorage(StorageBase):  # type: ignore[misc]
@@ -337,7 +340,7 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
         client, script = self._client_and_script()
         seq = int(
             script(
-                keys=[self._counter_key(channel)],
+                keys=[self._counter_key(channel), EPOCH_KEY],
                 args=[
                     channel,
                     event_type,
@@ -347,6 +350,7 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
                     conf.EVENT_RETENTION,
                     "1" if sequenced else "0",
                     PUBSUB_CHANNEL if self._publishes() else "",
+                    uuid.uuid4().hex,
                 ],
                 client=client,
             )
@@ -357,6 +361,19 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
     @property
     def publishes_to_listeners(self) -> bool:
         return self._publishes()
+
+    def epoch(self) -> str:
+        """A token that changes whenever Redis lost its data.
+
+        A Redis restarted without persistence starts every counter again at 1,
+        and a stream opened before cannot tell a new seq 1 from an old one it
+        already delivered. Every append creates the token when it is missing,
+        so any write after a data loss leaves a new one.
+        """
+        client = self.client
+        client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
+        value = client.get(EPOCH_KEY)
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     def get_current_id(self, channel: str) -> int:
         return self.get_current_ids([channel])[channel]

@@ -108,7 +108,15 @@ def events(request: HttpRequest) -> HttpResponseBase:
     if isinstance(response, StreamingHttpResponse):
         content: AsyncIterator[bytes] = response.streaming_content  # type: ignore[assignment]
         wrapped = StreamingHttpResponse(
-            _stream(content, hellos, starts, channels, client_id, use_tailer=not _redis_delivers()),
+            _stream(
+                content,
+                hellos,
+                starts,
+                channels,
+                client_id,
+                use_tailer=not _redis_delivers(),
+                epoch=_storage_epoch(),
+            ),
             content_type="text/event-stream",
         )
         for header, value in response.items():
@@ -166,6 +174,7 @@ async def _stream(
     client_id: str | None,
     *,
     use_tailer: bool,
+    epoch: str | None = None,
 ) -> AsyncIterator[bytes]:
     from verity_django.delivery import supervise_redis_listener, tailer
 
@@ -174,7 +183,11 @@ async def _stream(
     else:
         supervise_redis_listener()
     connection = _Connection(
-        {channels[c]: seq for c, seq in starts.items()}, client_id, _fetch_stored
+        {channels[c]: seq for c, seq in starts.items()},
+        client_id,
+        _fetch_stored,
+        epoch=epoch,
+        current_epoch=_current_epoch,
     )
     first = True
     async for chunk in content:
@@ -213,10 +226,15 @@ class _Connection:
         delivered: dict[str, int],
         client_id: str | None,
         fetch: Callable[[str, int, int], Awaitable[list[str]]] | None = None,
+        *,
+        epoch: str | None = None,
+        current_epoch: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self.delivered = delivered
         self.client_id = client_id
         self.fetch = fetch
+        self.epoch = epoch
+        self.current_epoch = current_epoch
         # Hashes of the latest envelopes per audience: a seq seen again with
         # the same content is a re-read; with other content, the storage
         # started over (a Redis restart without persistence).
@@ -243,14 +261,23 @@ class _Connection:
             data = block[at + 6 :]
             recent = self.recent.setdefault(audience, {})
             if seq <= last:
-                if recent.get(seq, hash(data)) == hash(data):
+                known = recent.get(seq)
+                if known == hash(data):
                     continue
-                # Counting restarted below what this client holds. A hello
-                # with last_seq 0 resets it; the next seq then shows whether
-                # it missed anything (a gap, so it resyncs) or not (seq 1).
-                kept.append(_sse(d.dumps({"type": "hello", "audience": audience, "last_seq": 0})))
+                if known is None and await self._storage_lost_its_data():
+                    # Every audience counts from 1 again.
+                    kept.extend(self._count_again(list(self.delivered)))
+                elif known is None:
+                    # An old seq handed over again (a storage re-read, the
+                    # tailer): already delivered.
+                    continue
+                else:
+                    # The same seq with other content: this audience's counter
+                    # restarted below what this client holds.
+                    kept.extend(self._count_again([audience]))
+                    await self._storage_lost_its_data()
                 last = 0
-                recent.clear()
+                recent = self.recent.setdefault(audience, {})
             if seq > last + 1 and self.fetch is not None:
                 # django-eventstream skipped some (a Redis subscription that was
                 # not live yet, an overflow): read them back from storage.
@@ -262,6 +289,29 @@ class _Connection:
                 del recent[min(recent)]
             kept.append(self._envelope_block(block[:at], data, audience))
         return "\n\n".join(kept)
+
+    def _count_again(self, audiences: list[str]) -> list[str]:
+        """A hello with last_seq 0 resets the client's count; the next seq
+        then shows whether it missed anything (a gap, so it resyncs) or not."""
+        for audience in audiences:
+            self.delivered[audience] = 0
+            self.recent.pop(audience, None)
+        return [
+            _sse(d.dumps({"type": "hello", "audience": audience, "last_seq": 0}))
+            for audience in audiences
+        ]
+
+    async def _storage_lost_its_data(self) -> bool:
+        """Whether the storage's epoch changed since this stream last looked
+        (Redis restarted empty); asked only for a seq this stream delivered
+        before and no longer remembers."""
+        if self.current_epoch is None:
+            return False
+        epoch = await self.current_epoch()
+        if epoch is None or epoch == self.epoch:
+            return False
+        self.epoch = epoch
+        return True
 
     def _reset(self, block: str) -> list[str]:
         """django-eventstream jumped to the storage's current id (the seq it
@@ -292,6 +342,17 @@ class _Connection:
             }
             data = d.dumps(echo)
         return head + "data: " + data
+
+
+def _storage_epoch() -> str | None:
+    from verity_django.publishing import storage
+
+    epoch = getattr(storage(), "epoch", None)
+    return None if epoch is None else str(epoch())
+
+
+async def _current_epoch() -> str | None:
+    return await sync_to_async(_storage_epoch, thread_sensitive=False)()
 
 
 async def _fetch_stored(audience: str, after: int, before: int) -> list[str]:
