@@ -37,7 +37,6 @@ class _Entry:
     audiences: set[str]
     collapse_to: tuple[str, ...]
     result_audiences: frozenset[str] | None = None
-    stamped: bool = False
 
     def for_audience(self, audience: str) -> d.Directive:
         if self.directive.result is None or self.result_audiences is None:
@@ -80,7 +79,6 @@ class Batch:
                     )
                 else:
                     entry.directive = item.directive
-                entry.stamped = False
 
     def __bool__(self) -> bool:
         return bool(self._entries)
@@ -96,11 +94,10 @@ class Batch:
         if crowded:
             entries = self._collapse(entries, crowded)
         # Metadata is stamped only on what survives collapsing, once per
-        # distinct directive, and kept for every later reading of the batch.
+        # distinct directive: stamping fills only what is missing, so every
+        # later reading of the batch keeps the same keys.
         for e in entries:
-            if not e.stamped:
-                e.directive = _stamp(e.directive, self.source)
-                e.stamped = True
+            e.directive = _stamp(e.directive, self.source)
         return entries
 
     def _collapse(self, entries: list[_Entry], crowded: set[str]) -> list[_Entry]:

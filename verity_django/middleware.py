@@ -82,13 +82,13 @@ class DirectiveMiddleware:
         return response
 
     @staticmethod
-    def _inject_drf(request: HttpRequest, response: Any) -> Any:
+    def _inject_drf(request: HttpRequest, response: Any) -> None:
         if not hasattr(response, "data"):
-            return response
+            return
         if not (conf.INJECT_DRF_RESPONSES or getattr(response, "verity_inject", False)):
-            return response
+            return
         if not pull.wants_directives(request):
-            return response
+            return
         items = pull.directives_for(request)
         if response.data is None and response.status_code == 204:
             response.status_code = 200
@@ -96,9 +96,8 @@ class DirectiveMiddleware:
         elif isinstance(response.data, dict):
             response.data = {**response.data, "directives": items}
         else:
-            return response
+            return
         setattr(response, _INJECTED, True)
-        return response
 
     @staticmethod
     def _inject_json(request: HttpRequest, response: HttpResponseBase) -> None:

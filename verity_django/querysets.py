@@ -34,15 +34,11 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
             return super().update(**kwargs)
         limit = conf.COLLAPSE_THRESHOLD
         tracked = bound.tracked
-        assignments = _assignments(self.model, kwargs)
+        assignments, expressions = _assignments(self.model, kwargs)
         # Values set by an expression are read before the update, computed by
         # the database, so that the new status or owner is known, not guessed.
-        computed = {
-            attname: kwargs[name]
-            for name, attname in _attnames(self.model, kwargs).items()
-            if assignments[attname] is MISSING and attname in tracked
-        }
-        aliases = {f"verity_new_{i}": attname for i, attname in enumerate(computed)}
+        computed = {a: e for a, e in expressions.items() if a in tracked}
+        aliases = {_new_value_alias(attname): attname for attname in computed}
         needs_instances = bound.needs_instances
         pk_attname = self.model._meta.pk.attname
         with transaction.atomic(using=self.db, savepoint=False):
@@ -120,23 +116,28 @@ class DirectiveManager(models.Manager.from_queryset(DirectiveQuerySet)):  # type
     """A manager whose bulk operations emit directives."""
 
 
-def _attnames(model: type[models.Model], kwargs: dict[str, Any]) -> dict[str, str]:
-    return {name: model._meta.get_field(name).get_attname() for name in kwargs}  # type: ignore[union-attr]
-
-
-def _assignments(model: type[models.Model], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """New attribute values of an ``update()``; expressions are MISSING."""
+def _assignments(
+    model: type[models.Model], kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """New attribute values of an ``update()`` (MISSING where an expression
+    computes them), and those expressions, by attribute name."""
     out: dict[str, Any] = {}
+    expressions: dict[str, Any] = {}
     for name, value in kwargs.items():
         field = model._meta.get_field(name)
         attname = field.get_attname()  # type: ignore[union-attr]
         if isinstance(value, Combinable) or hasattr(value, "resolve_expression"):
             out[attname] = MISSING
+            expressions[attname] = value
         elif isinstance(value, models.Model):
             out[attname] = value.pk
         else:
             out[attname] = field.to_python(value) if not field.is_relation else value  # type: ignore[union-attr]
-    return out
+    return out, expressions
+
+
+def _new_value_alias(attname: str) -> str:
+    return f"verity_new_{attname}"
 
 
 def _audiences_of(
@@ -158,8 +159,8 @@ def _audiences_of(
     reads = [a for a in attnames if a in computed]
     distinct = qs.order_by()
     if reads:
-        distinct = distinct.annotate(**{f"verity_new_{a}": computed[a] for a in reads})
-    columns = [*attnames, *(f"verity_new_{a}" for a in reads)]
+        distinct = distinct.annotate(**{_new_value_alias(a): computed[a] for a in reads})
+    columns = [*attnames, *map(_new_value_alias, reads)]
     for row in distinct.values_list(*columns).distinct():
         values = dict(zip(attnames, row, strict=False))
         after = dict(zip(reads, row[len(attnames) :], strict=True))

@@ -221,8 +221,9 @@ _ParamsKey = tuple[tuple[str, type, Any], ...]
 def _collection(rule: RefreshCollection, params: _ParamsKey | None, key: str | None) -> d.Directive:
     mode = rule.mode if params else "exact"
     if key is not None:
-        as_dict = None if params is None else {name: value for name, _, value in params}
-        return d.refresh_collection(rule.name, as_dict, params_mode=mode, idempotency_key=key)
+        return d.refresh_collection(
+            rule.name, _params_dict(params), params_mode=mode, idempotency_key=key
+        )
     return _whole_or_params(rule.name, params, mode)
 
 
@@ -236,8 +237,13 @@ def _item(name: str, id_type: str, item_id: Any, level: str | None) -> d.Directi
 
 @functools.lru_cache(maxsize=4096)
 def _whole_or_params(name: str, params: _ParamsKey | None, mode: str) -> d.Directive:
-    as_dict = None if params is None else {param: value for param, _, value in params}
-    return d.Directive.trusted(op="refresh_collection", name=name, params=as_dict, params_mode=mode)
+    return d.Directive.trusted(
+        op="refresh_collection", name=name, params=_params_dict(params), params_mode=mode
+    )
+
+
+def _params_dict(params: _ParamsKey | None) -> dict[str, Any] | None:
+    return None if params is None else {param: value for param, _, value in params}
 
 
 def _pk_of(instance: Any) -> Any:

@@ -221,16 +221,13 @@ def _append_in_one_statement(
     None when the channel has no counter row yet."""
     connection = connections[db]
     quote = connection.ops.quote_name
-    meta = event_model._meta
-    names = ("channel", "type", "data", "eid", "created")
-    columns = ", ".join(quote(meta.get_field(name).column) for name in names)
-    created = meta.get_field("created").get_db_prep_value(timezone.now(), connection)
+    into, created = _event_insert_target(connection, event_model)
     counter = quote(counter_model._meta.db_table)
     sql = (
         f"WITH c AS (UPDATE {counter} SET value = value + 1 WHERE name = %s RETURNING value) "
-        f"INSERT INTO {quote(meta.db_table)} ({columns}) "
+        f"INSERT INTO {into} "
         "SELECT %s, %s, %s || c.value::text || %s, c.value, %s FROM c "
-        f"RETURNING {quote(meta.get_field('eid').column)}"
+        f"RETURNING {quote(event_model._meta.get_field('eid').column)}"
     )
     params = [channel, channel, event_type, head, tail, created]
     # Inside someone's transaction, a savepoint keeps a failure from breaking it.
@@ -247,16 +244,23 @@ def _insert_event(
     """One INSERT: django-eventstream's ``Event.save()`` would look the
     counter up again."""
     connection = connections[db]
+    into, created = _event_insert_target(connection, event_model)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {into} VALUES (%s, %s, %s, %s, %s)",
+            [channel, event_type, data, seq, created],
+        )
+
+
+def _event_insert_target(connection: Any, event_model: Any) -> tuple[str, Any]:
+    """``table (channel, type, data, eid, created)`` for an INSERT of one
+    event, and ``created`` (now) as that database stores it."""
     meta = event_model._meta
     quote = connection.ops.quote_name
     names = ("channel", "type", "data", "eid", "created")
     columns = ", ".join(quote(meta.get_field(name).column) for name in names)
     created = meta.get_field("created").get_db_prep_value(timezone.now(), connection)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s, %s)",
-            [channel, event_type, data, seq, created],
-        )
+    return f"{quote(meta.db_table)} ({columns})", created
 
 
 # Allocating the id, storing the event and publishing it to django-eventstream's
@@ -370,9 +374,10 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
         already delivered. Every append creates the token when it is missing,
         so any write after a data loss leaves a new one.
         """
-        client = self.client
-        client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
-        value = client.get(EPOCH_KEY)
+        pipe = self.client.pipeline()
+        pipe.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)
+        pipe.get(EPOCH_KEY)
+        value = pipe.execute()[1]
         return value.decode() if isinstance(value, bytes) else str(value)
 
     def get_current_id(self, channel: str) -> int:

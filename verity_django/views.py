@@ -101,10 +101,7 @@ def events(request: HttpRequest) -> HttpResponseBase:
     request.META["HTTP_LAST_EVENT_ID"] = ",".join(f"{quote(c)}:{starts[c]}" for c in channels)
 
     response: HttpResponseBase = eventstream_events(request, channels=list(channels))
-    hellos = "".join(
-        _sse(d.dumps({"type": "hello", "audience": a, "last_seq": starts[c]}))
-        for c, a in channels.items()
-    )
+    hellos = "".join(_hello(a, starts[c]) for c, a in channels.items())
     if isinstance(response, StreamingHttpResponse):
         content: AsyncIterator[bytes] = response.streaming_content  # type: ignore[assignment]
         wrapped = StreamingHttpResponse(
@@ -155,6 +152,10 @@ def _parse_last_event_id(request: HttpRequest, channels: dict[str, str]) -> dict
 
 def _sse(data: str) -> str:
     return f"data: {data}\n\n"
+
+
+def _hello(audience: str, last_seq: int) -> str:
+    return _sse(d.dumps({"type": "hello", "audience": audience, "last_seq": last_seq}))
 
 
 def _after_stream_open(text: str, hellos: str) -> str:
@@ -296,10 +297,7 @@ class _Connection:
         for audience in audiences:
             self.delivered[audience] = 0
             self.recent.pop(audience, None)
-        return [
-            _sse(d.dumps({"type": "hello", "audience": audience, "last_seq": 0}))
-            for audience in audiences
-        ]
+        return [_hello(audience, 0) for audience in audiences]
 
     async def _storage_lost_its_data(self) -> bool:
         """Whether the storage's epoch changed since this stream last looked
@@ -326,7 +324,7 @@ class _Connection:
             if audience is None or audience not in self.delivered or not value.isdigit():
                 continue
             for seq in (0, int(value)):
-                out.append(_sse(d.dumps({"type": "hello", "audience": audience, "last_seq": seq})))
+                out.append(_hello(audience, seq))
             self.delivered[audience] = int(value)
             self.recent.pop(audience, None)
         return out

@@ -467,36 +467,32 @@ async def test_worker_sigkill_mid_burst_loses_nothing_unnoticed(
 # --------------------------------------------------------------------------
 
 
+def redis_storage_settings(server: RedisServer) -> Any:
+    """This process's settings for RedisStorage on ``server``, publishing as a worker would."""
+    from django.test import override_settings
+
+    return override_settings(
+        EVENTSTREAM_STORAGE_CONNECTION={"host": LOOPBACK, "port": server.port, "socket_timeout": 5},
+        EVENTSTREAM_REDIS={"host": LOOPBACK, "port": server.port},
+    )
+
+
 def pump_envelopes(
     server: RedisServer, audience: str, stop: threading.Event, *, limit: int, pause: float
 ) -> int:
-    """Publish envelopes exactly as RedisStorage does (same Lua script), until ``stop``."""
+    """Publish envelopes through RedisStorage itself, until ``stop``."""
     from verity_django.publishing import envelope_parts
-    from verity_django.storage import _APPEND_SCRIPT, EPOCH_KEY, PUBSUB_CHANNEL
+    from verity_django.storage import RedisStorage
 
-    client = redis_client(server)
-    script = client.register_script(_APPEND_SCRIPT)
     channel = f"verity.{audience}"
     sent = 0
-    while not stop.is_set() and sent < limit:
-        head, tail = envelope_parts(audience, [d.refresh_item("todo", sent)], "pump")
-        script(
-            keys=[f"verity:counter:{channel}", EPOCH_KEY],
-            args=[
-                channel,
-                "message",
-                head,
-                tail,
-                f"verity:event:{channel}:",
-                3600,
-                "1",
-                PUBSUB_CHANNEL,
-                "pump-epoch",
-            ],
-        )
-        sent += 1
-        time.sleep(pause)
-    client.close()
+    with redis_storage_settings(server):
+        storage = RedisStorage()
+        while not stop.is_set() and sent < limit:
+            head, tail = envelope_parts(audience, [d.refresh_item("todo", sent)], "pump")
+            storage.append_sequenced(channel, "message", head, tail)
+            sent += 1
+            time.sleep(pause)
     return sent
 
 
@@ -560,12 +556,9 @@ def envelope_key(audience: str, envelope: Mapping[str, Any]) -> tuple[str, tuple
 def test_redis_epoch_changes_when_redis_comes_back_without_its_data(
     redis_server: RedisServer,
 ) -> None:
-    from django.test import override_settings
-
     from verity_django.storage import RedisStorage
 
-    connection = {"host": LOOPBACK, "port": redis_server.port}
-    with override_settings(EVENTSTREAM_STORAGE_CONNECTION=connection):
+    with redis_storage_settings(redis_server):
         storage = RedisStorage()
         storage.append_sequenced("verity.global", "message", '{"seq":', "}")
         before = storage.epoch()
@@ -1348,25 +1341,12 @@ def test_tx_manual_savepoint_rollback_is_forgotten(
     _check_outcome(scenario, three_projects, before)
 
 
-def test_transactions_on_postgresql(postgres_database: str) -> None:
-    """The test_tx_ tests again, in a subprocess whose Django uses this PostgreSQL."""
+def pytest_on_postgresql(database: str, *args: str) -> str:
+    """Run pytest in a subprocess whose Django uses this PostgreSQL; its output."""
     result = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "pytest",
-            str(Path(__file__)),
-            "-q",
-            "-p",
-            "no:warnings",
-            # The manual-savepoint test is about Django's bookkeeping, not the database.
-            "-k",
-            "test_tx_ and not manual_savepoint",
-        ],
+        [PYTHON, "-m", "pytest", *args, "-q", "-p", "no:warnings", "-p", "no:cacheprovider"],
         cwd=REPO_ROOT,
-        env=child_env(
-            {"VERITY_DATABASE_URL": postgres_database, "VERITY_TEST_EXPECT_VENDOR": "postgresql"}
-        ),
+        env=child_env({"VERITY_DATABASE_URL": database, "VERITY_TEST_EXPECT_VENDOR": "postgresql"}),
         capture_output=True,
         text=True,
         timeout=300,
@@ -1374,35 +1354,28 @@ def test_transactions_on_postgresql(postgres_database: str) -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
+    return output
+
+
+def test_transactions_on_postgresql(postgres_database: str) -> None:
+    """The test_tx_ tests again, in a subprocess whose Django uses this PostgreSQL."""
+    output = pytest_on_postgresql(
+        postgres_database,
+        str(Path(__file__)),
+        # The manual-savepoint test is about Django's bookkeeping, not the database.
+        "-k",
+        "test_tx_ and not manual_savepoint",
+    )
     expected = 2 * len(SCENARIOS) + 2
     assert re.search(rf"\b{expected} passed\b", output), output
 
 
 def test_storage_and_bulk_paths_on_postgresql(postgres_database: str) -> None:
     """Storage (one-statement appends there) and update() audiences on PostgreSQL."""
-    result = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "pytest",
-            "tests/test_storage.py",
-            "tests/test_querysets.py",
-            "tests/test_publishing.py",
-            "-q",
-            "-p",
-            "no:warnings",
-            "-p",
-            "no:cacheprovider",
-        ],
-        cwd=REPO_ROOT,
-        env=child_env(
-            {"VERITY_DATABASE_URL": postgres_database, "VERITY_TEST_EXPECT_VENDOR": "postgresql"}
-        ),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    output = pytest_on_postgresql(
+        postgres_database,
+        "tests/test_storage.py",
+        "tests/test_querysets.py",
+        "tests/test_publishing.py",
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
     assert re.search(r"\b\d+ passed\b", output) and " failed" not in output, output
