@@ -6,12 +6,12 @@ from typing import Any
 
 from django.http import HttpRequest
 
+from verity_django import clients
 from verity_django.batching import Batch
 from verity_django.conf import conf
 
 REQUEST_HEADER = "X-Verity-Directive-Request"
 REQUEST_VALUE = "send me directives"
-MAX_CLIENT_ID = 200
 
 
 def wants_directives(request: HttpRequest) -> bool:
@@ -23,11 +23,7 @@ def wants_directives(request: HttpRequest) -> bool:
 
 def client_id(request: HttpRequest) -> str | None:
     """The requesting client's id, which becomes the ``source`` of its directives."""
-    for header in conf.CLIENT_ID_HEADERS:
-        value = request.headers.get(header, "").strip()
-        if value and len(value) <= MAX_CLIENT_ID and value.isprintable() and value.isascii():
-            return value
-    return None
+    return clients.from_headers(request)
 
 
 def request_batch(request: HttpRequest) -> Batch | None:

@@ -39,13 +39,13 @@ from verity_django.audiences import (
     channel_for,
     validate_audience,
 )
+from verity_django.clients import MAX_LENGTH as MAX_CLIENT_ID_LENGTH
+from verity_django.clients import is_valid_client_id
 from verity_django.conf import conf
 
-MAX_CLIENT_ID = 200
 MAX_LAST_EVENT_ID = 4096
 # django-eventstream re-sends at most its queue (10 events) after an overflow.
 _RECENT = 32
-_CLIENT_ID = re.compile(r"[\x21-\x7e]+")
 _ENVELOPE = re.compile(r'\{"type":"directives","seq":(\d+),"audience":"([^"\\]*)"')
 
 
@@ -76,11 +76,10 @@ def events(request: HttpRequest) -> HttpResponseBase:
     if len(audiences) > conf.MAX_AUDIENCES_PER_CONNECTION:
         return _error(400, f"At most {conf.MAX_AUDIENCES_PER_CONNECTION} audiences per connection.")
     client_id = request.GET.get(conf.CLIENT_ID_PARAM) or None
-    if client_id is not None and (
-        len(client_id) > MAX_CLIENT_ID or not _CLIENT_ID.fullmatch(client_id)
-    ):
+    if client_id is not None and not is_valid_client_id(client_id):
         return _error(
-            400, f"{conf.CLIENT_ID_PARAM} must be 1 to {MAX_CLIENT_ID} visible ASCII characters."
+            400,
+            f"{conf.CLIENT_ID_PARAM} must be 1 to {MAX_CLIENT_ID_LENGTH} visible ASCII characters.",
         )
 
     denied = [a for a in audiences if not can_read(request.user, a)]

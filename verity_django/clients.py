@@ -1,0 +1,81 @@
+"""Client ids: what a valid one is, where a request carries it, and whose it is.
+
+A client id is chosen by the browser page, so it proves nothing by itself:
+anyone can copy another page's id. Whatever the server decides with it (echo
+rewriting, the position a reconnect resumes from) is therefore keyed by
+:func:`owner_tag`, which binds the id to the authenticated user or session
+that presented it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django.http import HttpRequest
+from django.utils.crypto import salted_hmac
+
+from verity_django.conf import conf
+
+MAX_LENGTH = 200
+# Visible ASCII only: the id travels in a header, a query string and JSON,
+# and must compare equal in all three.
+_VALID = re.compile(r"[\x21-\x7e]+")
+
+
+class InvalidClientId(ValueError):
+    pass
+
+
+def validate_client_id(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidClientId("a client id must be a non-empty string")
+    if len(value) > MAX_LENGTH or not _VALID.fullmatch(value):
+        raise InvalidClientId(f"a client id is 1 to {MAX_LENGTH} visible ASCII characters")
+    return value
+
+
+def is_valid_client_id(value: Any) -> bool:
+    try:
+        validate_client_id(value)
+    except InvalidClientId:
+        return False
+    return True
+
+
+def from_headers(request: HttpRequest) -> str | None:
+    """The id a mutating request names in ``CLIENT_ID_HEADERS``; an invalid
+    one counts as none, since it could never match a stream's."""
+    for header in conf.CLIENT_ID_HEADERS:
+        value = request.headers.get(header, "").strip()
+        if value:
+            return value if is_valid_client_id(value) else None
+    return None
+
+
+def owner_of(request: HttpRequest) -> str | None:
+    """Who presents a client id: the authenticated user, else the session.
+
+    None for an anonymous request without a session: its client id binds to
+    nobody, so nothing is decided with it.
+    """
+    user = getattr(request, "user", None)
+    if user is not None and getattr(user, "is_authenticated", False):
+        return f"user:{user.pk}"
+    session = getattr(request, "session", None)
+    key = getattr(session, "session_key", None)
+    return f"session:{key}" if key else None
+
+
+def owner_tag(owner: str, client_id: str) -> str:
+    """An opaque tag for (owner, client id): equal only for the same pair,
+    and useless to anyone who reads it without ``SECRET_KEY``."""
+    message = f"{owner}\x00{client_id}"
+    return salted_hmac("verity_django.clients.owner_tag", message).hexdigest()[:32]
+
+
+def tag_for(request: HttpRequest, client_id: str | None) -> str | None:
+    if client_id is None:
+        return None
+    owner = owner_of(request)
+    return None if owner is None else owner_tag(owner, client_id)
