@@ -12,7 +12,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 import verity_django
-from testproject.todos.models import Project, Tag, Todo
+from tests.testapp.models import Project, Tag, Todo
 from verity_django import registry
 from verity_django.rules import RefreshCollection
 from verity_django.testing import capture_directives
@@ -102,11 +102,11 @@ def test_large_update_filtered_by_owner_needs_no_query_for_audiences(
         Todo.objects.filter(owner=alice).update(status="done")
     assert captured.audiences == {f"user-{alice.pk}"}
     # The bounded pre-read and the UPDATE; the owner is in the filter.
-    assert len([q for q in queries if '"todos_todo"' in q["sql"]]) == 2
+    assert len([q for q in queries if f'"{Todo._meta.db_table}"' in q["sql"]]) == 2
     with capture_directives() as captured, CaptureQueriesContext(connection) as queries:
         Todo.objects.exclude(owner=alice).update(status="done")
     assert captured.audiences == {f"user-{bob.pk}"}
-    assert len([q for q in queries if '"todos_todo"' in q["sql"]]) == 3
+    assert len([q for q in queries if f'"{Todo._meta.db_table}"' in q["sql"]]) == 3
 
 
 @pytest.mark.parametrize("rows", [2, 8])
@@ -163,9 +163,11 @@ def test_m2m_changes_refresh_the_item_both_ways(todo: Todo) -> None:
     with capture_directives() as captured:
         tag.todos.remove(todo)
     assert {"op": "refresh_item", "name": "todo", "id": todo.pk} in captured.bare
+    tag.todos.add(todo)
     with capture_directives() as captured:
         tag.todos.clear()
-    assert {"op": "refresh_collection", "name": "todos"} in captured.bare
+    assert {"op": "refresh_item", "name": "todo", "id": todo.pk} in captured.bare
+    assert captured.audiences == {f"user-{todo.owner_id}"}
 
 
 @pytest.mark.django_db(transaction=True)

@@ -6,17 +6,24 @@ from typing import Any
 
 from verity_django.rules import (
     MISSING,
-    BoundRule,
+    BoundCollection,
+    BoundItem,
     RefreshCollection,
     RefreshItem,
     evaluate,
 )
 
 
+def bound(rule: Any, **attnames: str) -> Any:
+    """The rule bound as a model would bind it, with attribute names given."""
+    if isinstance(rule, RefreshItem):
+        return BoundItem(rule, "tests.Model", attnames.get(rule.id, rule.id), (), rule.events())
+    params = tuple((p, attnames.get(f, f)) for p, f in rule.param_fields().items())
+    return BoundCollection(rule, "tests.Model", params, rule.events())
+
+
 def run(rule: Any, event: str, old: Any, new: Any, **attnames: str) -> list[dict[str, Any]]:
-    names = {f: attnames.get(f, f) for f in rule.fields()}
-    bound = BoundRule(rule, names)
-    return [x.to_dict() for x, _ in evaluate(bound, event, old, new)]
+    return [x.to_dict() for x, _ in evaluate(bound(rule, **attnames), event, old, new)]
 
 
 def test_own_item_refreshes_on_update_only() -> None:
@@ -94,8 +101,9 @@ def test_result_and_level_and_key_builders() -> None:
         result_level="expanded",
         idempotency_key=lambda obj, event: f"todo-{obj.pk}-{event}",
     )
-    bound = BoundRule(rule, {"pk": "id"})
-    [(directive, _)] = evaluate(bound, "update", {"id": 5}, {"id": 5}, instance=Instance())
+    [(directive, _)] = evaluate(
+        bound(rule, pk="id"), "update", {"id": 5}, {"id": 5}, instance=Instance()
+    )
     out = directive.to_dict()
     assert out["level"] == "expanded"
     assert out["idempotency_key"] == "todo-5-update"
@@ -105,7 +113,7 @@ def test_result_and_level_and_key_builders() -> None:
 
 
 def test_choices_members_become_plain_json_values() -> None:
-    from testproject.todos.models import Todo
+    from tests.testapp.models import Todo
     from verity_django.rules import to_json_value
 
     value = to_json_value(Todo.Status.DONE)

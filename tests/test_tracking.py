@@ -7,7 +7,7 @@ from typing import Any
 from django.test import override_settings
 
 import verity_django
-from testproject.todos.models import Todo
+from tests.testapp.models import Todo
 from verity_django.testing import capture_directives
 
 

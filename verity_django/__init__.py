@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "RefreshItem": "verity_django.rules",
     "RefreshCollection": "verity_django.rules",
+    "Audience": "verity_django.audience_specs",
     "register": "verity_django.registry",
     "unregister": "verity_django.registry",
     "batch": "verity_django.batching",

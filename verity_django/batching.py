@@ -86,13 +86,18 @@ class Batch:
     def _final_entries(self) -> list[_Entry]:
         entries = list(self._entries.values())
         threshold = conf.COLLAPSE_THRESHOLD
-        counts: dict[str, int] = {}
+        items: dict[str, int] = {}
+        variants: dict[str, int] = {}
         for e in entries:
+            name = e.directive.name or ""
             if e.directive.op == "refresh_item" and e.collapse_to:
-                counts[e.directive.name or ""] = counts.get(e.directive.name or "", 0) + 1
-        crowded = {name for name, n in counts.items() if n > threshold}
-        if crowded:
-            entries = self._collapse(entries, crowded)
+                items[name] = items.get(name, 0) + 1
+            elif _is_params_variant(e.directive):
+                variants[name] = variants.get(name, 0) + 1
+        crowded = {name for name, n in items.items() if n > threshold}
+        crowded_params = {name for name, n in variants.items() if n > threshold}
+        if crowded or crowded_params:
+            entries = self._collapse(entries, crowded, crowded_params)
         # Metadata is stamped only on what survives collapsing, once per
         # distinct directive: stamping fills only what is missing, so every
         # later reading of the batch keeps the same keys.
@@ -100,23 +105,35 @@ class Batch:
             e.directive = _stamp(e.directive, self.source)
         return entries
 
-    def _collapse(self, entries: list[_Entry], crowded: set[str]) -> list[_Entry]:
+    def _collapse(
+        self, entries: list[_Entry], crowded: set[str], crowded_params: set[str]
+    ) -> list[_Entry]:
+        """Many items of one name become their collections, and many params
+        variants of one collection become the whole collection, told to
+        every audience the collapsed ones had."""
         kept: list[_Entry] = []
         replacements: dict[str, _Entry] = {}
+
+        def replace(target: str, audiences: set[str]) -> None:
+            repl = replacements.get(target)
+            if repl is None:
+                repl = self._collapsed.get(target)
+                if repl is None:
+                    repl = _Entry(d.refresh_collection(target), set(), ())
+                    self._collapsed[target] = repl
+                repl.audiences = set()
+                replacements[target] = repl
+            repl.audiences |= audiences
+
         for e in entries:
-            if e.directive.op == "refresh_item" and e.directive.name in crowded and e.collapse_to:
+            x = e.directive
+            if x.op == "refresh_item" and x.name in crowded and e.collapse_to:
                 for target in e.collapse_to:
-                    repl = replacements.get(target)
-                    if repl is None:
-                        repl = self._collapsed.get(target)
-                        if repl is None:
-                            repl = _Entry(d.refresh_collection(target), set(), ())
-                            self._collapsed[target] = repl
-                        repl.audiences = set()
-                        replacements[target] = repl
-                    repl.audiences |= e.audiences
-                continue
-            kept.append(e)
+                    replace(target, e.audiences)
+            elif x.name in crowded_params and _is_params_variant(x):
+                replace(x.name or "", e.audiences)
+            else:
+                kept.append(e)
         merged = {e.directive.identity: e for e in kept}
         for repl in replacements.values():
             existing = merged.get(repl.directive.identity)
@@ -151,6 +168,10 @@ class Batch:
             from verity_django.publishing import deliver
 
             deliver(self)
+
+
+def _is_params_variant(x: d.Directive) -> bool:
+    return x.op == "refresh_collection" and bool(x.params) and x.result is None
 
 
 def _is_whole_collection(x: d.Directive) -> bool:

@@ -8,6 +8,9 @@ Opt in per manager::
 ``update()`` reads at most ``COLLAPSE_THRESHOLD + 1`` rows first (one query)
 so that small updates refresh exactly the items and params they touched;
 larger ones refresh the affected collections instead of thousands of items.
+Either way every audience of the rows, before and after, is told: a related
+path costs one query per operation, a callable audience reads every row
+before and after (see the README for what that costs).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from django.db.models.expressions import Col, Combinable
 from django.db.models.lookups import Exact
 from django.db.models.sql.where import AND
 
-from verity_django import batching, registry, tracking
+from verity_django import batching, receivers, registry, tracking
+from verity_django.audience_specs import Side
 from verity_django.conf import conf
 from verity_django.rules import MISSING, Routed
 
@@ -29,68 +33,31 @@ ModelT = TypeVar("ModelT", bound=models.Model)
 
 class DirectiveQuerySet(models.QuerySet[ModelT]):
     def update(self, **kwargs: Any) -> int:
-        bound = registry.get(self.model)
-        if bound is None or not registry._active():
+        of = registry.rules_for(self.model)
+        if of is None or not receivers.active():
             return super().update(**kwargs)
-        limit = conf.COLLAPSE_THRESHOLD
-        tracked = bound.tracked
         assignments, expressions = _assignments(self.model, kwargs)
-        # Values set by an expression are read before the update, computed by
-        # the database, so that the new status or owner is known, not guessed.
-        computed = {a: e for a, e in expressions.items() if a in tracked}
-        aliases = {_new_value_alias(attname): attname for attname in computed}
-        needs_instances = bound.needs_instances
-        pk_attname = self.model._meta.pk.attname
         with transaction.atomic(using=self.db, savepoint=False):
-            # Ordering is irrelevant to which rows change; sorting costs.
-            pre = self.order_by()
-            if computed:
-                pre = pre.annotate(
-                    **{alias: computed[attname] for alias, attname in aliases.items()}
-                )
-            columns = [*tracked, *aliases, *([pk_attname] if needs_instances else [])]
-            rows = list(pre.values_list(*columns)[: limit + 1])
-            collapsing = len(rows) > limit
-            audiences = None
-            if collapsing:
-                audiences = _audiences_of(self, bound, assignments, computed)
-            pks: list[Any] = []
-            if needs_instances:
-                pks = (
-                    list(self.order_by().values_list(pk_attname, flat=True))
-                    if collapsing
-                    else [row[-1] for row in rows]
-                )
+            plans = [_Update(self, rules, assignments, expressions) for rules in of.rules]
             count = super().update(**kwargs)
-            # Callable audiences, results and keys see the rows as they are now.
-            instances = _reload(self.model, self.db, pks) if pks else {}
-        routed: list[Routed] = []
-        if collapsing:
-            assert audiences is not None
-            for instance in instances.values():
-                audiences |= bound.audiences(None, None, instance)
-            routed = bound.collapsed(frozenset(audiences))
-        else:
-            width = len(tracked)
-            for row in rows:
-                old = dict(zip(tracked, row[:width], strict=True))
-                new = {name: assignments.get(name, value) for name, value in old.items()}
-                for offset, attname in enumerate(aliases.values()):
-                    new[attname] = row[width + offset]
-                instance = instances.get(row[-1]) if needs_instances else None
-                routed.extend(bound.changes("update", old, new, instance))
+            routed = [r for plan in plans for r in plan.routed()]
         batching.collect(routed, using=self.db)
         return count
 
     def bulk_create(self, objs: Iterable[ModelT], *args: Any, **kwargs: Any) -> list[ModelT]:
         created = super().bulk_create(objs, *args, **kwargs)
-        bound = registry.get(self.model)
-        if bound is not None and registry._active():
+        of = registry.rules_for(self.model)
+        if of is not None and receivers.active():
             routed: list[Routed] = []
-            for obj in created:
-                values = tracking.current(obj, bound.tracked)
-                routed.extend(bound.changes("create", None, values, obj))
-                tracking.remember(obj, values)
+            values = [tracking.current(obj, of.tracked) for obj in created]
+            for rules in of.rules:
+                changes = [
+                    rules.change("create", None, new, obj)
+                    for obj, new in zip(created, values, strict=True)
+                ]
+                routed.extend(rules.route(changes, self.db))
+            for obj, new in zip(created, values, strict=True):
+                tracking.remember(obj, new)
             batching.collect(routed, using=self.db)
         return created
 
@@ -98,15 +65,27 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
         self, objs: Iterable[ModelT], fields: Iterable[str], batch_size: int | None = None
     ) -> int:
         objs = list(objs)
+        fields = list(fields)
         # bulk_update() runs update(); the directives come from objs instead.
         with batching.disabled():
             count = super().bulk_update(objs, fields, batch_size=batch_size)
-        bound = registry.get(self.model)
-        if bound is not None and registry._active():
+        of = registry.rules_for(self.model)
+        if of is not None and receivers.active():
             routed: list[Routed] = []
-            for obj in objs:
-                new = tracking.current(obj, bound.tracked)
-                routed.extend(bound.changes("update", tracking.previous(obj), new, obj))
+            # Only ``fields`` were written; the others keep their loaded values.
+            written = [tracking.written(obj, of.tracked, fields) for obj in objs]
+            for rules in of.rules:
+                changes = [
+                    rules.change(
+                        "update",
+                        tracking.previous(obj),
+                        new,
+                        tracking.with_values(obj, new) if rules.needs_instances else obj,
+                    )
+                    for obj, new in zip(objs, written, strict=True)
+                ]
+                routed.extend(rules.route(changes, self.db))
+            for obj, new in zip(objs, written, strict=True):
                 tracking.remember(obj, new)
             batching.collect(routed, using=self.db)
         return count
@@ -114,6 +93,69 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
 
 class DirectiveManager(models.Manager.from_queryset(DirectiveQuerySet)):  # type: ignore[misc]
     """A manager whose bulk operations emit directives."""
+
+
+class _Update:
+    """One set of rules' view of an ``update()``: what it reads before the
+    ``UPDATE`` (constructed) and after it (:meth:`routed`)."""
+
+    def __init__(
+        self,
+        qs: DirectiveQuerySet[Any],
+        rules: registry.ModelRules,
+        assignments: dict[str, Any],
+        expressions: dict[str, Any],
+    ) -> None:
+        self.qs = qs
+        self.rules = rules
+        self.assignments = assignments
+        tracked = rules.tracked
+        # Values set by an expression are read before the update, computed by
+        # the database, so that the new status or owner is known, not guessed.
+        self.computed = {a: e for a, e in expressions.items() if a in tracked}
+        self.aliases = {_new_value_alias(attname): attname for attname in self.computed}
+        pk_attname = qs.model._meta.pk.attname
+        # Ordering is irrelevant to which rows change; sorting costs.
+        pre = qs.order_by()
+        if self.computed:
+            pre = pre.annotate(
+                **{alias: self.computed[attname] for alias, attname in self.aliases.items()}
+            )
+        rows = pre.values_list(*tracked, *self.aliases, pk_attname)
+        limit = conf.COLLAPSE_THRESHOLD
+        # A callable audience is asked about every row as it was: all rows
+        # are read (one query), not only the first few.
+        self.rows = list(rows if rules.needs_old_instances else rows[: limit + 1])
+        self.collapsing = len(self.rows) > limit
+        self.audiences: frozenset[str] = frozenset()
+        if self.collapsing and not rules.audience.needs_instance:
+            self.audiences = _audiences_of(qs, rules, assignments, self.computed)
+        # A collapsed update carries no result or key: instances are needed
+        # only for the rows read one by one, or to ask a callable audience.
+        self.pks: list[Any] = []
+        if rules.needs_instances and (not self.collapsing or rules.needs_old_instances):
+            self.pks = [row[-1] for row in self.rows]
+
+    def routed(self) -> list[Routed]:
+        """Called after the ``UPDATE``, inside its transaction."""
+        rules, db = self.rules, self.qs.db
+        # Callable audiences, results and keys see the rows as they are now.
+        instances = _reload(self.qs.model, db, self.pks) if self.pks else {}
+        if self.collapsing and not rules.audience.needs_instance:
+            return rules.collapsed(self.audiences)
+        tracked = rules.tracked
+        width = len(tracked)
+        changes = []
+        for row in self.rows:
+            old = dict(zip(tracked, row[:width], strict=True))
+            new = {name: self.assignments.get(name, value) for name, value in old.items()}
+            for offset, attname in enumerate(self.aliases.values()):
+                new[attname] = row[width + offset]
+            old_instance = _loaded(self.qs.model, db, old) if rules.needs_old_instances else None
+            changes.append(rules.change("update", old, new, instances.get(row[-1]), old_instance))
+        if self.collapsing:
+            return rules.collapsed(rules.audiences_of([s for c in changes for s in c.sides], db))
+        return rules.route(changes, db)
 
 
 def _assignments(
@@ -142,30 +184,31 @@ def _new_value_alias(attname: str) -> str:
 
 def _audiences_of(
     qs: models.QuerySet[Any],
-    bound: registry.ModelRules,
+    rules: registry.ModelRules,
     assignments: dict[str, Any],
     computed: dict[str, Any],
-) -> set[str]:
-    """Every audience the rows of ``qs`` belong to, before and after the update."""
-    attnames = [attname for attname, _ in bound.audience_fields]
-    new = {a: assignments[a] for a in attnames if a in assignments and a not in computed}
-    out: set[str] = set(bound.audiences(None, new, None))
+) -> frozenset[str]:
+    """Every audience the rows of ``qs`` belong to, before and after the
+    update, from the distinct values of the fields that decide them."""
+    attnames = list(rules.audience.tracked)
+    set_now = {a: assignments[a] for a in attnames if a in assignments and a not in computed}
+    sides = [Side(set_now)] if set_now else []
     pinned = _pinned(qs, attnames)
     if pinned is not None and not any(a in computed for a in attnames):
         # filter(owner=alice): the audience is in the query; no need to ask.
-        return out | bound.audiences(pinned, None, None)
+        return rules.audiences_of([*sides, Side(pinned)], qs.db)
     if not attnames:
-        return out
+        return rules.audiences_of([Side({})], qs.db)
     reads = [a for a in attnames if a in computed]
     distinct = qs.order_by()
     if reads:
         distinct = distinct.annotate(**{_new_value_alias(a): computed[a] for a in reads})
     columns = [*attnames, *map(_new_value_alias, reads)]
     for row in distinct.values_list(*columns).distinct():
-        values = dict(zip(attnames, row, strict=False))
-        after = dict(zip(reads, row[len(attnames) :], strict=True))
-        out |= bound.audiences(values, after, None)
-    return out
+        sides.append(Side(dict(zip(attnames, row, strict=False))))
+        if reads:
+            sides.append(Side(dict(zip(reads, row[len(attnames) :], strict=True))))
+    return rules.audiences_of(sides, qs.db)
 
 
 def _pinned(qs: models.QuerySet[Any], attnames: list[str]) -> dict[str, Any] | None:
@@ -185,6 +228,12 @@ def _pinned(qs: models.QuerySet[Any], attnames: list[str]) -> dict[str, Any] | N
         ):
             pinned.setdefault(child.lhs.target.attname, child.rhs)
     return pinned if len(pinned) == len(attnames) else None
+
+
+def _loaded(model: type[models.Model], using: str, values: dict[str, Any]) -> Any:
+    """An instance holding ``values``, as the row was before the update."""
+    names = [f.attname for f in model._meta.concrete_fields if f.attname in values]
+    return model.from_db(using, names, [values[name] for name in names])
 
 
 def _reload(model: type[models.Model], using: str, pks: list[Any]) -> dict[Any, Any]:

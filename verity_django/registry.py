@@ -1,44 +1,32 @@
-"""Which models produce directives, and the signal receivers that run them.
+"""Which models produce directives, and their rules bound at start-up.
 
 Rules come from a model's ``class Meta`` (``directives``,
 ``directive_audience``, ``directive_relations``) or from :func:`register` for
 models you do not own. They are bound to concrete attribute names once, at
-start-up; anything wrong becomes a system check error on the model.
+start-up. A rule with an error is a system check error on the model, and it
+also stops the app from loading (``ImproperlyConfigured`` naming the check
+IDs): servers such as uvicorn and gunicorn never run system checks, and a
+model whose directives silently vanished would be worse than no start.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from django.apps import apps
-from django.conf import settings
 from django.core import checks
-from django.core.exceptions import FieldDoesNotExist
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.db import models
-from django.db.models.signals import m2m_changed, post_delete, post_init, post_save
 
-from verity_django import batching, tracking
 from verity_django import directives as d
-from verity_django.audiences import GLOBAL, InvalidAudience, validate_audience
-from verity_django.conf import conf
-from verity_django.rules import (
-    EVENTS,
-    MISSING,
-    BoundRule,
-    RefreshCollection,
-    RefreshItem,
-    Routed,
-    evaluate,
-    to_json_value,
-)
-
-logger = logging.getLogger(__name__)
+from verity_django import receivers, tracking
+from verity_django.audience_specs import AudienceList, Resolved, Side, parse
+from verity_django.rules import BOTH, NEW, OLD, RULE_TYPES, Bound, Routed
 
 ModelT = TypeVar("ModelT", bound=type[models.Model])
-AudienceSpec = str | Callable[[Any], Any] | Sequence[str | Callable[[Any], Any]] | None
+AudienceSpec = Any
 
 
 @dataclass(frozen=True)
@@ -48,92 +36,122 @@ class Declaration:
     relations: Sequence[str] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
+class Change:
+    """One row's change: values when loaded (None on create), values now
+    (None on delete), and the instance in each state where rules need it."""
+
+    event: str
+    old: Mapping[str, Any] | None
+    new: Mapping[str, Any] | None
+    instance: Any = None
+    old_instance: Any = None
+    sides: tuple[Side, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        sides = []
+        if self.old is not None:
+            loaded = self.instance if self.event == "delete" else self.old_instance
+            sides.append(Side(self.old, loaded))
+        if self.new is not None:
+            sides.append(Side(self.new, self.instance))
+        object.__setattr__(self, "sides", tuple(sides))
+
+    def told(self, audiences_of: Resolved) -> dict[int, frozenset[str]]:
+        """The audiences of the loaded state, of the state now, and of both."""
+        old: frozenset[str] = frozenset()
+        new: frozenset[str] = frozenset()
+        if self.old is not None:
+            old = frozenset(audiences_of(self.sides[0]))
+        if self.new is not None:
+            new = frozenset(audiences_of(self.sides[-1]))
+        return {OLD: old, NEW: new, BOTH: old | new}
+
+
+@dataclass(eq=False)
 class ModelRules:
     """A model's rules, bound to attribute names and ready to evaluate."""
 
     model: type[models.Model]
-    rules: tuple[BoundRule, ...]
-    tracked: tuple[str, ...]
-    audience_fields: tuple[tuple[str, str], ...]
-    audience_constants: frozenset[str]
-    audience_callables: tuple[Callable[[Any], Any], ...]
+    rules: tuple[Bound, ...]
+    audience: AudienceList
     relations: tuple[models.ManyToManyField[Any, Any], ...]
+    tracked: tuple[str, ...]
     errors: list[checks.CheckMessage] = field(default_factory=list)
 
     @property
     def needs_instances(self) -> bool:
         """Whether rows read as plain values are not enough to route a change."""
-        return bool(self.audience_callables) or any(
-            b.rule.idempotency_key is not None
-            or (isinstance(b.rule, RefreshItem) and b.rule.result is not None)
-            for b in self.rules
-        )
+        return self.audience.needs_instance or any(b.needs_instance for b in self.rules)
 
-    def changes(
+    @property
+    def needs_old_instances(self) -> bool:
+        """Whether the instance as it was loaded decides an audience (a callable)."""
+        return self.audience.needs_instance
+
+    def change(
         self,
         event: str,
         old: Mapping[str, Any] | None,
         new: Mapping[str, Any] | None,
         instance: Any = None,
-    ) -> list[Routed]:
-        audiences = self.audiences(old, new, instance)
+        old_instance: Any = None,
+    ) -> Change:
+        if old_instance is None and event == "update" and self.needs_old_instances:
+            old_instance = tracking.as_loaded(instance) if old is not None else None
+        return Change(event, old, new, instance, old_instance)
+
+    def route(self, changes: Sequence[Change], using: str) -> list[Routed]:
+        """The directives of ``changes`` and who is told: every audience the
+        row had or has, resolved for all the changes at once."""
+        audiences_of = self.audience.resolve([s for c in changes for s in c.sides], using)
         routed: list[Routed] = []
-        current: frozenset[str] | None = None
-        for bound in self.rules:
-            for directive, collapse_to in evaluate(bound, event, old, new, instance=instance):
-                if directive.result is None:
-                    routed.append(Routed(directive, audiences, collapse_to))
-                    continue
-                if current is None:
-                    # The object's data goes only where the object is now.
-                    current = self.audiences(None, new, instance)
-                routed.append(Routed(directive, audiences, collapse_to, current))
+        for change in changes:
+            told = change.told(audiences_of)
+            for bound in self.rules:
+                for directive, collapse_to, side in bound.evaluate(
+                    change.event, change.old, change.new, change.instance
+                ):
+                    if directive.result is None:
+                        routed.append(Routed(directive, told[side], collapse_to))
+                    else:
+                        # The object's data goes only where the object is now.
+                        routed.append(Routed(directive, told[side], collapse_to, told[NEW]))
         return routed
 
-    def audiences(
-        self, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, instance: Any
-    ) -> frozenset[str]:
-        out = set(self.audience_constants)
-        for attname, prefix in self.audience_fields:
-            for values in (old, new):
-                value = MISSING if values is None else values.get(attname, MISSING)
-                if value is MISSING or value is None:
-                    continue
-                out.add(f"{prefix}{value}" if prefix else str(value))
-        if instance is not None:
-            for func in self.audience_callables:
-                produced = func(instance)
-                out.update([produced] if isinstance(produced, str) else produced)
-        valid = set()
-        for audience in out:
-            try:
-                valid.add(validate_audience(audience))
-            except InvalidAudience as exc:
-                logger.error("%s: dropped audience: %s", self.model._meta.label, exc)
-        return frozenset(valid)
+    def audiences_of(self, sides: Sequence[Side], using: str) -> frozenset[str]:
+        audiences_of = self.audience.resolve(sides, using)
+        return frozenset(a for side in sides for a in audiences_of(side))
 
-    def collapsed(self, audiences: frozenset[str] | None = None) -> list[Routed]:
+    def collapsed(self, audiences: frozenset[str]) -> list[Routed]:
         """Directives for a change to rows we did not read one by one."""
-        names: list[str] = []
-        for bound in self.rules:
-            if isinstance(bound.rule, RefreshCollection):
-                names.append(bound.rule.name)
-            else:
-                names.extend(bound.collapse_to)
-        if audiences is None:
-            audiences = frozenset(self.audience_constants)
+        names = dict.fromkeys(n for bound in self.rules for n in bound.collapse_names)
+        return [Routed(d.refresh_collection(n), audiences) for n in names]
 
-        return [Routed(d.refresh_collection(n), audiences) for n in dict.fromkeys(names)]
+
+@dataclass(frozen=True)
+class RulesOf:
+    """Every set of rules a model's rows are subject to: its own, those of
+    the model a proxy stands for, and those of multi-table parents, whose
+    rows a child's save writes too."""
+
+    model: type[models.Model]
+    rules: tuple[ModelRules, ...]
+    tracked: tuple[str, ...]
 
 
 _declared: dict[type[models.Model], Declaration] = {}
 _registry: dict[type[models.Model], ModelRules] = {}
+_applicable: dict[type[models.Model], RulesOf] = {}
 _ready = False
 
 
 def get(model: type[models.Model]) -> ModelRules | None:
     return _registry.get(model)
+
+
+def rules_for(model: type[models.Model]) -> RulesOf | None:
+    return _applicable.get(model)
 
 
 def registered_models() -> list[type[models.Model]]:
@@ -170,9 +188,15 @@ def register(
     """Declare rules for a model, as a call or as a class decorator."""
 
     def decorate(target: ModelT) -> ModelT:
-        _declared[target] = Declaration(directives, audience, tuple(relations))
+        declaration = Declaration(directives, audience, tuple(relations))
         if _ready:
-            _bind_and_connect(target, _declared[target])
+            bound = bind(target, declaration)
+            _raise_for(bound.errors)
+            _declared[target] = declaration
+            _registry[target] = bound
+            _connect()
+        else:
+            _declared[target] = declaration
         return target
 
     if model is None:
@@ -182,9 +206,8 @@ def register(
 
 def unregister(model: type[models.Model]) -> None:
     _declared.pop(model, None)
-    bound = _registry.pop(model, None)
-    if bound is not None:
-        _disconnect(bound)
+    if _registry.pop(model, None) is not None:
+        _connect()
 
 
 def load_meta_rules() -> None:
@@ -202,8 +225,10 @@ def load_meta_rules() -> None:
                 getattr(meta, "directive_audience", None),
                 tuple(getattr(meta, "directive_relations", ()) or ()),
             )
-    for model, declaration in _declared.items():
-        _bind_and_connect(model, declaration)
+    bound = {model: bind(model, declaration) for model, declaration in _declared.items()}
+    _raise_for([e for rules in bound.values() for e in rules.errors])
+    _registry.update(bound)
+    _connect()
     _ready = True
 
 
@@ -214,297 +239,105 @@ def check_rules(**kwargs: Any) -> list[checks.CheckMessage]:
     return errors
 
 
+def _raise_for(errors: Sequence[checks.CheckMessage]) -> None:
+    if errors:
+        lines = "\n".join(
+            f"  {e.id} {e.obj._meta.label}: {e.msg}" + (f" HINT: {e.hint}" if e.hint else "")
+            for e in errors
+        )
+        raise ImproperlyConfigured(
+            f"verity_django: directive rules have errors, so their models would "
+            f"emit nothing:\n{lines}"
+        )
+
+
 def bind(model: type[models.Model], declaration: Declaration) -> ModelRules:
     errors: list[checks.CheckMessage] = []
-
-    def error(msg: str, id: str, hint: str | None = None) -> None:
-        errors.append(checks.Error(msg, hint=hint, obj=model, id=id))
-
     raw = declaration.directives
     if isinstance(raw, str | bytes) or not isinstance(raw, Sequence | set | frozenset):
-        error(
-            "Meta.directives must be a list of RefreshItem/RefreshCollection, "
-            f"got {type(raw).__name__}.",
-            "verity_django.E101",
+        errors.append(
+            checks.Error(
+                "Meta.directives must be a list of RefreshItem/RefreshCollection, "
+                f"got {type(raw).__name__}.",
+                obj=model,
+                id="verity_django.E101",
+            )
         )
         raw = ()
-    rules = [r for r in raw if isinstance(r, RefreshItem | RefreshCollection)]
-    for r in raw:
-        if not isinstance(r, RefreshItem | RefreshCollection):
-            error(
-                f"{r!r} is not a directive rule.",
-                "verity_django.E102",
-                hint="Use verity_django.RefreshItem or verity_django.RefreshCollection.",
-            )
-    collection_names = [r.name for r in rules if isinstance(r, RefreshCollection)]
-    bound_rules: list[BoundRule] = []
-    tracked: dict[str, None] = {model._meta.pk.attname: None} if model._meta.pk else {}
-    for rule in rules:
-        ok = True
-        for attr in ("name", "level"):
-            value = getattr(rule, attr, None)
-            if attr == "level" and value is None:
-                continue
-            try:
-                d.Directive.from_dict({"op": "refresh_item", "name": "x", "id": 1, attr: value})
-            except d.InvalidDirective as exc:
-                error(f"{rule!r}: {attr!r} is not valid: {exc}.", "verity_django.E103")
-                ok = False
-        bad_events = set(rule.on or ()) - EVENTS
-        if rule.on is not None and (isinstance(rule.on, str) or bad_events):
-            error(
-                f"{rule!r}: 'on' must be a collection of 'create', 'update', 'delete'.",
-                "verity_django.E104",
-            )
-            ok = False
-        if isinstance(rule, RefreshCollection):
-            if rule.mode not in ("exact", "contains"):
-                error(
-                    f"{rule!r}: mode must be 'exact' or 'contains', got {rule.mode!r}.",
-                    "verity_django.E105",
-                )
-                ok = False
-            if rule.params is not None and (
-                isinstance(rule.params, str)
-                or not isinstance(rule.params, Sequence | Mapping)
-                or not all(isinstance(v, str) for v in rule.param_fields().values())
-            ):
-                error(
-                    f"{rule!r}: params must be a list of field names or a dict of "
-                    "param name to field name.",
-                    "verity_django.E106",
-                )
-                continue
-        if isinstance(rule, RefreshItem):
-            for attr in ("result", "idempotency_key"):
-                value = getattr(rule, attr)
-                if value is not None and not callable(value):
-                    error(f"{rule!r}: '{attr}' must be a callable.", "verity_django.E107")
-                    ok = False
-        attnames: dict[str, str] = {}
-        for field_name in rule.fields():
-            attname = _attname(model, field_name)
-            if attname is None:
-                error(
-                    f"{rule!r} references {field_name!r}, which is not a concrete field "
-                    f"of {model._meta.label}.",
-                    "verity_django.E108",
-                    hint="Rules read local fields and foreign key ids only, so that "
-                    "evaluating them needs no query.",
-                )
-                ok = False
-                continue
-            attnames[field_name] = attname
-            tracked[attname] = None
-        if not ok:
-            continue
-        collapse_to: tuple[str, ...] = ()
-        if isinstance(rule, RefreshItem):
-            if isinstance(rule.collection, str):
-                collapse_to = (rule.collection,)
-            elif rule.collection is not None:
-                collapse_to = tuple(rule.collection)
-            elif rule.is_self:
-                collapse_to = tuple(dict.fromkeys(collection_names))
-        bound_rules.append(BoundRule(rule, attnames, collapse_to))
-
-    audience_fields: list[tuple[str, str]] = []
-    audience_constants: set[str] = set()
-    audience_callables: list[Callable[[Any], Any]] = []
-    spec = declaration.audience
-    specs: Sequence[Any] = (
-        [GLOBAL] if spec is None else spec if isinstance(spec, list | tuple) else [spec]
+    rules = [r for r in raw if isinstance(r, RULE_TYPES)]
+    errors.extend(
+        checks.Error(
+            f"{r!r} is not a directive rule.",
+            hint="Use verity_django.RefreshItem or verity_django.RefreshCollection.",
+            obj=model,
+            id="verity_django.E102",
+        )
+        for r in raw
+        if not isinstance(r, RULE_TYPES)
     )
-    for item in specs:
-        if callable(item):
-            audience_callables.append(item)
-            continue
-        if not isinstance(item, str):
-            error(
-                f"directive_audience {item!r} must be a field name, an audience or a callable.",
-                "verity_django.E109",
-            )
-            continue
-        try:
-            f = model._meta.get_field(item)
-        except FieldDoesNotExist:
-            f = None
-        if f is not None and getattr(f, "concrete", False) and not f.many_to_many:
-            attname = f.get_attname()  # type: ignore[union-attr]
-            tracked[attname] = None
-            if f.is_relation and f.related_model is not None:
-                related = f.related_model
-                prefix = "user-" if _is_user_model(related) else f"{related._meta.model_name}-"
-            else:
-                prefix = ""
-            audience_fields.append((attname, prefix))
-            continue
-        try:
-            audience_constants.add(validate_audience(item))
-        except InvalidAudience as exc:
-            error(
-                f"directive_audience {item!r} is neither a concrete field of "
-                f"{model._meta.label} nor a valid audience: {exc}.",
-                "verity_django.E109",
-            )
+    collections = [name for rule in rules for name in rule.collections()]
+    bound_rules: list[Bound] = []
+    for rule in rules:
+        rule_errors = rule.check(model)
+        errors.extend(rule_errors)
+        if not rule_errors:
+            bound_rules.append(rule.bind(model, collections))
+    audience, audience_errors = parse(model, declaration.audience)
+    errors.extend(audience_errors)
+    relations = _relations(model, declaration.relations, errors)
+    pk = [model._meta.pk.attname] if model._meta.pk else []
+    tracked = [*pk, *(a for b in bound_rules for a in b.tracked), *audience.tracked]
+    return ModelRules(
+        model=model,
+        rules=tuple(bound_rules),
+        audience=audience,
+        relations=tuple(relations),
+        tracked=tuple(dict.fromkeys(tracked)),
+        errors=errors,
+    )
 
+
+def _relations(
+    model: type[models.Model], names: Iterable[str], errors: list[checks.CheckMessage]
+) -> list[models.ManyToManyField[Any, Any]]:
     relations: list[models.ManyToManyField[Any, Any]] = []
-    for name in declaration.relations:
+    for name in names:
         try:
             rel = model._meta.get_field(name)
         except FieldDoesNotExist:
             rel = None
         if not isinstance(rel, models.ManyToManyField):
-            error(
-                f"directive_relations names {name!r}, which is not a many-to-many field "
-                f"of {model._meta.label}.",
-                "verity_django.E110",
+            errors.append(
+                checks.Error(
+                    f"directive_relations names {name!r}, which is not a many-to-many field "
+                    f"of {model._meta.label}.",
+                    obj=model,
+                    id="verity_django.E110",
+                )
             )
             continue
         relations.append(rel)
-
-    return ModelRules(
-        model=model,
-        rules=tuple(bound_rules),
-        tracked=tuple(tracked),
-        audience_fields=tuple(audience_fields),
-        audience_constants=frozenset(audience_constants),
-        audience_callables=tuple(audience_callables),
-        relations=tuple(relations),
-        errors=errors,
-    )
+    return relations
 
 
-def _is_user_model(model: Any) -> bool:
-    return bool(model._meta.label == settings.AUTH_USER_MODEL)
+def _connect() -> None:
+    _applicable.clear()
+    candidates = dict.fromkeys([*apps.get_models(), *_registry])
+    for model in candidates:
+        chain = tuple(dict.fromkeys(_chain(model)))
+        if chain:
+            tracked = tuple(dict.fromkeys(a for rules in chain for a in rules.tracked))
+            _applicable[model] = RulesOf(model, chain, tracked)
+    receivers.install(_applicable.values(), _registry.values(), list(candidates))
 
 
-def _attname(model: type[models.Model], name: str) -> str | None:
-    if name == "pk":
-        return model._meta.pk.attname if model._meta.pk else None
-    try:
-        f = model._meta.get_field(name)
-    except FieldDoesNotExist:
-        for candidate in model._meta.concrete_fields:
-            if candidate.attname == name:
-                return candidate.attname
-        return None
-    if not getattr(f, "concrete", False) or f.many_to_many:
-        return None
-    return str(f.get_attname())  # type: ignore[union-attr]
-
-
-def _uid(signal: str, model: type[models.Model]) -> str:
-    return f"verity_django.{signal}.{model._meta.label_lower}"
-
-
-def _bind_and_connect(model: type[models.Model], declaration: Declaration) -> None:
-    previous = _registry.pop(model, None)
-    if previous is not None:
-        _disconnect(previous)
-    bound = bind(model, declaration)
-    _registry[model] = bound
-    post_init.connect(_on_post_init, sender=model, dispatch_uid=_uid("post_init", model))
-    post_save.connect(_on_post_save, sender=model, dispatch_uid=_uid("post_save", model))
-    post_delete.connect(_on_post_delete, sender=model, dispatch_uid=_uid("post_delete", model))
-    for rel in bound.relations:
-        through = rel.remote_field.through
-        m2m_changed.connect(
-            _on_m2m_changed, sender=through, dispatch_uid=_uid(f"m2m.{rel.name}", model)
-        )
-
-
-def _disconnect(bound: ModelRules) -> None:
-    model = bound.model
-    post_init.disconnect(sender=model, dispatch_uid=_uid("post_init", model))
-    post_save.disconnect(sender=model, dispatch_uid=_uid("post_save", model))
-    post_delete.disconnect(sender=model, dispatch_uid=_uid("post_delete", model))
-    for rel in bound.relations:
-        m2m_changed.disconnect(
-            sender=rel.remote_field.through, dispatch_uid=_uid(f"m2m.{rel.name}", model)
-        )
-
-
-def _active() -> bool:
-    return conf.ENABLED and not batching.is_disabled()
-
-
-def _on_post_init(sender: type[models.Model], instance: models.Model, **kwargs: Any) -> None:
-    bound = _registry.get(sender)
-    if bound is not None and conf.ENABLED:
-        tracking.snapshot(instance, bound.tracked)
-
-
-def _on_post_save(
-    sender: type[models.Model],
-    instance: models.Model,
-    created: bool,
-    raw: bool = False,
-    using: str | None = None,
-    **kwargs: Any,
-) -> None:
-    bound = _registry.get(sender)
-    if bound is None or not conf.ENABLED:
-        return
-    new = tracking.current(instance, bound.tracked)
-    if not raw and _active():
-        old = None if created else tracking.previous(instance)
-        routed = bound.changes("create" if created else "update", old, new, instance)
-        batching.collect(routed, using=using)
-    tracking.remember(instance, new)
-
-
-def _on_post_delete(
-    sender: type[models.Model],
-    instance: models.Model,
-    using: str | None = None,
-    origin: Any = None,
-    **kwargs: Any,
-) -> None:
-    bound = _registry.get(sender)
-    if bound is None or not _active():
-        return
-    old = tracking.current(instance, bound.tracked)
-    batching.collect(bound.changes("delete", old, None, instance), using=using)
-
-
-def _on_m2m_changed(
-    sender: Any,
-    instance: models.Model,
-    action: str,
-    reverse: bool,
-    model: type[models.Model],
-    pk_set: set[Any] | None,
-    using: str | None = None,
-    **kwargs: Any,
-) -> None:
-    if action not in ("post_add", "post_remove", "post_clear") or not _active():
-        return
-    if not reverse:
-        bound = _registry.get(type(instance))
-        if bound is None:
-            return
-        values = tracking.current(instance, bound.tracked)
-        batching.collect(bound.changes("update", values, values, instance), using=using)
-        return
-    bound = _registry.get(model)
-    if bound is None:
-        return
-    if pk_set is None:
-        batching.collect(bound.collapsed(), using=using)
-        return
-    routed = list(_self_item_changes(bound, pk_set))
-    routed.extend(r for r in bound.collapsed() if r.directive.op == "refresh_collection")
-    batching.collect(routed, using=using)
-
-
-def _self_item_changes(bound: ModelRules, pks: Iterable[Any]) -> Iterator[Routed]:
-    audiences = frozenset(bound.audience_constants)
-    for b in bound.rules:
-        if isinstance(b.rule, RefreshItem) and b.rule.is_self:
-            for pk in pks:
-                yield Routed(
-                    d.refresh_item(b.rule.name, to_json_value(pk), level=b.rule.level),
-                    audiences,
-                    b.collapse_to,
-                )
+def _chain(model: type[models.Model]) -> list[ModelRules]:
+    own = _registry.get(model)
+    out = [own] if own is not None else []
+    meta = model._meta
+    if meta.proxy and meta.proxy_for_model is not None:
+        out.extend(_chain(meta.proxy_for_model))
+    else:
+        for parent in meta.parents:
+            out.extend(_chain(parent))
+    return out

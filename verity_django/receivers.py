@@ -1,0 +1,290 @@
+"""The signal receivers that turn model changes into directives.
+
+Each receiver is connected per sender with a ``dispatch_uid``, for the models
+that have rules (and their proxies and multi-table children), so models
+without rules pay nothing. ``raw=True`` saves (fixture loading) emit
+nothing. Two changes send no signal of their own and are covered here too:
+
+- ``on_delete=SET_NULL``/``SET_DEFAULT``/``SET(...)``: Django's collector
+  updates the referring rows with one ``UPDATE``; a ``pre_delete`` receiver
+  on the referenced model reads their tracked values first (one query per
+  relation) and emits them as updates, collected into the deleting
+  transaction so that they roll back with it;
+- ``refresh_from_db()``: see :func:`_resnapshot_on_refresh_from_db`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from django.db import DEFAULT_DB_ALIAS, models
+from django.db.models.signals import m2m_changed, post_delete, post_init, post_save, pre_delete
+
+from verity_django import batching, tracking
+from verity_django.conf import conf
+from verity_django.rules import MISSING, Routed
+
+if TYPE_CHECKING:
+    from verity_django.registry import ModelRules, RulesOf
+
+_connected: list[tuple[Any, Any, str]] = []
+_CLEARING = "_verity_clearing"
+
+
+def active() -> bool:
+    return conf.ENABLED and not batching.is_disabled()
+
+
+def install(
+    applicable: Iterable[RulesOf],
+    registered: Iterable[ModelRules],
+    models_: Sequence[type[models.Model]],
+) -> None:
+    """Connect the receivers for the current rules, replacing earlier ones."""
+    for signal, sender, uid in _connected:
+        signal.disconnect(sender=sender, dispatch_uid=uid)
+    _connected.clear()
+    for of in applicable:
+        model = of.model
+        _connect(post_init, functools.partial(_on_post_init, of), model, "post_init")
+        _connect(post_save, functools.partial(_on_post_save, of), model, "post_save")
+        _connect(post_delete, functools.partial(_on_post_delete, of), model, "post_delete")
+        _resnapshot_on_refresh_from_db(model)
+    for rules in registered:
+        for rel in rules.relations:
+            handler = functools.partial(_on_m2m_changed, rules, rel)
+            _connect(m2m_changed, handler, rel.remote_field.through, f"m2m.{rel.name}")
+    for referenced, targets in _set_on_delete_targets(registered, models_).items():
+        handler = functools.partial(_on_pre_delete, tuple(targets))
+        _connect(pre_delete, handler, referenced, "pre_delete")
+
+
+def _connect(signal: Any, handler: Any, sender: Any, name: str) -> None:
+    uid = f"verity_django.{name}.{sender._meta.label_lower}"
+    signal.connect(handler, sender=sender, weak=False, dispatch_uid=uid)
+    _connected.append((signal, sender, uid))
+
+
+def _on_post_init(of: RulesOf, sender: Any, instance: models.Model, **kwargs: Any) -> None:
+    if conf.ENABLED:
+        tracking.snapshot(instance, of.tracked)
+
+
+def _on_post_save(
+    of: RulesOf,
+    sender: Any,
+    instance: models.Model,
+    created: bool,
+    raw: bool = False,
+    using: str | None = None,
+    update_fields: Iterable[str] | None = None,
+    **kwargs: Any,
+) -> None:
+    if not conf.ENABLED:
+        return
+    # With update_fields only those fields were written; the others keep
+    # the values the database still holds.
+    new = tracking.written(instance, of.tracked, None if created else update_fields)
+    if not raw and active():
+        db = using or DEFAULT_DB_ALIAS
+        event = "create" if created else "update"
+        old = None if created else tracking.previous(instance)
+        routed: list[Routed] = []
+        for rules in of.rules:
+            now = tracking.with_values(instance, new) if rules.needs_instances else instance
+            routed.extend(rules.route([rules.change(event, old, new, now)], db))
+        batching.collect(routed, using=using)
+    tracking.remember(instance, new)
+
+
+def _on_post_delete(
+    of: RulesOf, sender: Any, instance: models.Model, using: str | None = None, **kwargs: Any
+) -> None:
+    if not active():
+        return
+    # What the database held, not unsaved edits made before delete().
+    old = tracking.previous(instance) or tracking.current(instance, of.tracked)
+    db = using or DEFAULT_DB_ALIAS
+    routed: list[Routed] = []
+    for rules in of.rules:
+        routed.extend(rules.route([rules.change("delete", old, None, instance)], db))
+    batching.collect(routed, using=using)
+
+
+def _on_m2m_changed(
+    rules: ModelRules,
+    rel: models.ManyToManyField[Any, Any],
+    sender: Any,
+    instance: models.Model,
+    action: str,
+    reverse: bool,
+    model: type[models.Model],
+    pk_set: set[Any] | None,
+    using: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """A relation change counts as an update of the rows on the side that
+    declares it: ``card.labels.add(label)`` of that card, and
+    ``label.cards.add(card)`` of those cards, read in one query."""
+    if not active():
+        return
+    db = using or DEFAULT_DB_ALIAS
+    if reverse and action == "pre_clear":
+        instance.__dict__[f"{_CLEARING}.{rel.name}"] = _linked(rel, instance, db)
+        return
+    if action not in ("post_add", "post_remove", "post_clear"):
+        return
+    if not reverse:
+        values = tracking.previous(instance) or tracking.current(instance, rules.tracked)
+        change = rules.change("update", values, values, instance, instance)
+        batching.collect(rules.route([change], db), using=using)
+        return
+    if action == "post_clear":
+        pk_set = instance.__dict__.pop(f"{_CLEARING}.{rel.name}", None)
+    if pk_set is None:
+        # Cleared while verity was off for pre_clear: which rows is unknown.
+        pk_set = set()
+    changes = [
+        rules.change("update", values, values, row, row) for values, row in _rows(rules, db, pk_set)
+    ]
+    batching.collect(rules.route(changes, db), using=using)
+
+
+def _linked(rel: models.ManyToManyField[Any, Any], target: models.Model, using: str) -> set[Any]:
+    """The pks of the declaring side's rows linked to ``target``."""
+    through: Any = rel.remote_field.through
+    source = through._meta.get_field(rel.m2m_field_name()).attname
+    reverse = through._meta.get_field(rel.m2m_reverse_field_name()).name
+    linked = through._base_manager.using(using).filter(**{reverse: target})
+    return set(linked.values_list(source, flat=True))
+
+
+def _rows(rules: ModelRules, using: str, pks: Iterable[Any]) -> list[tuple[dict[str, Any], Any]]:
+    """Tracked values of the rows with ``pks`` (and the rows themselves where
+    rules need instances), in one query per 500 rows."""
+    manager = rules.model._base_manager.using(using)
+    pks = list(pks)
+    out: list[tuple[dict[str, Any], Any]] = []
+    for start in range(0, len(pks), 500):
+        rows = manager.filter(pk__in=pks[start : start + 500])
+        if rules.needs_instances:
+            out.extend((tracking.current(row, rules.tracked), row) for row in rows)
+        else:
+            out.extend(
+                (dict(zip(rules.tracked, values, strict=True)), None)
+                for values in rows.values_list(*rules.tracked)
+            )
+    return out
+
+
+_SetTarget: TypeAlias = "tuple[models.ForeignKey[Any, Any], ModelRules, Any]"
+
+
+def _on_pre_delete(
+    targets: tuple[_SetTarget, ...],
+    sender: Any,
+    instance: models.Model,
+    using: str | None = None,
+    **kwargs: Any,
+) -> None:
+    if not active():
+        return
+    db = using or DEFAULT_DB_ALIAS
+    routed: list[Routed] = []
+    for fk, rules, replacement in targets:
+        referred = getattr(instance, fk.target_field.attname, None)
+        if referred is None:
+            continue
+        new_value = _replacement_value(replacement, fk)
+        manager = rules.model._base_manager.using(db).order_by()
+        rows = manager.filter(**{fk.attname: referred})
+        changes = []
+        if rules.needs_instances:
+            for row in rows:
+                old = tracking.current(row, rules.tracked)
+                new = {**old, fk.attname: new_value}
+                changes.append(
+                    rules.change("update", old, new, tracking.with_values(row, new), row)
+                )
+        else:
+            for values in rows.values_list(*rules.tracked):
+                old = dict(zip(rules.tracked, values, strict=True))
+                changes.append(rules.change("update", old, {**old, fk.attname: new_value}))
+        routed.extend(rules.route(changes, db))
+    batching.collect(routed, using=using)
+
+
+def _set_on_delete_targets(
+    registered: Iterable[ModelRules], models_: Sequence[type[models.Model]]
+) -> dict[type[models.Model], list[_SetTarget]]:
+    """For each model rows of registered models point at with a setting
+    ``on_delete``, the foreign keys and the value the collector sets."""
+    out: dict[type[models.Model], list[_SetTarget]] = {}
+    for rules in registered:
+        for fk in rules.model._meta.concrete_fields:
+            if not (fk.is_relation and fk.many_to_one):
+                continue
+            replacement = _replacement(fk)
+            if replacement is MISSING:
+                continue
+            referenced = fk.related_model
+            # A proxy's delete is sent with the proxy as sender.
+            for model in models_:
+                if model._meta.concrete_model is referenced._meta.concrete_model:  # type: ignore[union-attr]
+                    out.setdefault(model, []).append((fk, rules, replacement))  # type: ignore[arg-type]
+    return out
+
+
+def _replacement(fk: Any) -> Any:
+    """What ``on_delete`` sets the foreign key to, or MISSING if it sets nothing."""
+    on_delete = fk.remote_field.on_delete
+    if on_delete is models.SET_NULL:
+        return None
+    if on_delete is models.SET_DEFAULT:
+        return _Default
+    deconstruct = getattr(on_delete, "deconstruct", None)
+    if deconstruct is not None:
+        path, args, _ = deconstruct()
+        if path == "django.db.models.SET" and args:
+            return args[0]
+    return MISSING
+
+
+class _Default:
+    pass
+
+
+def _replacement_value(replacement: Any, fk: Any) -> Any:
+    if replacement is _Default:
+        value = fk.get_default()
+    elif callable(replacement):
+        value = replacement()
+    else:
+        value = replacement
+    return getattr(value, "pk", value)
+
+
+def _resnapshot_on_refresh_from_db(model: type[models.Model]) -> None:
+    """Take a new snapshot when ``refresh_from_db()`` reads the row again.
+
+    Django has no public hook for it: the instance it reads (and sends
+    ``post_init`` for) is a temporary one whose values are copied over. So
+    this wraps the model's ``refresh_from_db`` once; the wrapper only
+    updates the snapshot of an instance that has one. This is the one place
+    that touches a model class.
+    """
+    original = model.refresh_from_db
+    if getattr(original, "_verity_wraps", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def refresh_from_db(
+        self: models.Model, using: str | None = None, fields: Any = None, **kwargs: Any
+    ) -> None:
+        original(self, using=using, fields=fields, **kwargs)
+        tracking.refreshed(self, fields)
+
+    refresh_from_db._verity_wraps = original  # type: ignore[attr-defined]
+    model.refresh_from_db = refresh_from_db  # type: ignore[method-assign, assignment]
