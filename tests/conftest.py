@@ -8,7 +8,7 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from rest_framework.test import APIClient
 
-from testproject.todos.models import Project, Todo
+from tests.testapp.models import Project, Todo
 
 DIRECTIVE_HEADERS = {
     "HTTP_X_VERITY_DIRECTIVE_REQUEST": "send me directives",

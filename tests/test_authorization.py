@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
 import verity_django
-from testproject.todos.models import Todo
 from tests.conftest import DIRECTIVE_HEADERS as _DIRECTIVE_HEADERS
+from tests.testapp.models import Todo
 from verity_django import registry
 from verity_django.audiences import can_read, default_authorize, is_valid_audience
 from verity_django.publishing import storage

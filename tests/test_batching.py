@@ -9,7 +9,7 @@ from django.db import transaction
 from django.test import override_settings
 
 import verity_django
-from testproject.todos.models import Project, Todo
+from tests.testapp.models import Project, Todo
 from verity_django import directives as d
 from verity_django.batching import Batch
 from verity_django.rules import Routed
@@ -124,7 +124,7 @@ def test_fixture_loads_emit_nothing(todo: Todo, tmp_path: Any) -> None:
 
     fixture = tmp_path / "todos.json"
     with fixture.open("w") as out:
-        call_command("dumpdata", "todos.todo", stdout=out)
+        call_command("dumpdata", "testapp.todo", stdout=out)
     with capture_directives() as captured:
         call_command("loaddata", str(fixture), verbosity=0)
     assert captured == []

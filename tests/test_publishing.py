@@ -10,8 +10,8 @@ import pytest
 from django.test import override_settings
 from rest_framework.test import APIClient
 
-from testproject.todos.models import Todo
 from tests.conftest import DIRECTIVE_HEADERS
+from tests.testapp.models import Todo
 from verity_django import directives as d
 from verity_django import publishing
 from verity_django.audiences import channel_for
@@ -100,7 +100,7 @@ def test_one_envelope_per_audience_per_request(api: APIClient, alice: Any) -> No
 def test_rolled_back_request_consumes_no_seq(alice: Any) -> None:
     from django.db import transaction
 
-    from testproject.todos.models import Project
+    from tests.testapp.models import Project
 
     with pytest.raises(RuntimeError), transaction.atomic():
         Project.objects.create(name="x", owner=alice)

@@ -8,8 +8,8 @@ import pytest
 from django.test import Client, override_settings
 from rest_framework.test import APIClient
 
-from testproject.todos.models import Project, Todo
 from tests.conftest import DIRECTIVE_HEADERS
+from tests.testapp.models import Project, Todo
 from verity_django.testing import strip_metadata
 
 pytestmark = pytest.mark.urls("tests.pullviews.urls")

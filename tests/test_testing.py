@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from testproject.todos.models import Todo
+from tests.testapp.models import Todo
 from verity_django.testing import CapturedDirectives, capture_directives, strip_metadata
 
 

@@ -1343,8 +1343,9 @@ def test_tx_manual_savepoint_rollback_is_forgotten(
 
 def pytest_on_postgresql(database: str, *args: str) -> str:
     """Run pytest in a subprocess whose Django uses this PostgreSQL; its output."""
+    # child_env() names the demo's settings, for servers; pytest needs the suite's.
     result = subprocess.run(
-        [PYTHON, "-m", "pytest", *args, "-q", "-p", "no:warnings", "-p", "no:cacheprovider"],
+        [PYTHON, "-m", "pytest", *args, "-q", "-p", "no:warnings", "--ds", "tests.settings"],
         cwd=REPO_ROOT,
         env=child_env({"VERITY_DATABASE_URL": database, "VERITY_TEST_EXPECT_VENDOR": "postgresql"}),
         capture_output=True,

@@ -12,9 +12,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from testproject.todos.models import Project
-from testproject.todos.serializers import ProjectSerializer
-from testproject.urls import urlpatterns as project_urls
+from tests.testapp.api import ProjectSerializer
+from tests.testapp.models import Project
+from tests.testapp.urls import urlpatterns as project_urls
 from verity_django.contrib.rest_framework import DirectivesMixin
 
 

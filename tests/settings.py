@@ -1,0 +1,15 @@
+"""Settings for the test suite: the demo project's, plus the suite's own app.
+
+The demo stays installed because the in-process transaction tests under
+``tests/live/`` use its models; every unit test uses ``tests.testapp``, whose
+URLs are the root ones here. Servers started by the live tests keep the
+demo's own settings (``tests/live/servers.py`` sets them).
+"""
+
+from __future__ import annotations
+
+from testproject.settings import *  # noqa: F403
+from testproject.settings import INSTALLED_APPS
+
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp.apps.TestAppConfig"]
+ROOT_URLCONF = "tests.testapp.urls"
