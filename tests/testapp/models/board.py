@@ -20,15 +20,11 @@ import verity_django
 from verity_django.querysets import DirectiveManager
 from verity_django.rules import RefreshCollection, RefreshItem
 
-OPERATORS = "team-ops"
+OPERATORS = verity_django.Audience("team-ops")
 
 
 def team_itself(team: Team) -> str:
     return f"team-{team.pk}"
-
-
-def card_team(card: Card) -> str:
-    return f"team-{card.board.team_id}"
 
 
 def comment_readers(comment: Comment) -> list[str]:
@@ -150,7 +146,7 @@ class Card(models.Model):
             RefreshCollection("cards", params=["assignee"], mode="contains"),
             RefreshItem("board", id="board", collection="boards"),
         ]
-        directive_audience = ["assignee", card_team]
+        directive_audience = ["assignee", "board__team"]
         directive_relations = ["labels"]
 
     def __str__(self) -> str:
@@ -171,7 +167,7 @@ class Bug(Card):
             RefreshCollection("bugs", on=["create", "delete"]),
             RefreshCollection("bugs", params=["severity"]),
         ]
-        directive_audience = ["assignee", card_team]
+        directive_audience = ["assignee", "board__team"]
 
     def __str__(self) -> str:
         return f"{self.title} (severity {self.severity})"
