@@ -188,3 +188,44 @@ def test_cascade_delete_refreshes_dependents(todo: Todo, alice: Any) -> None:
         alice.delete()
     assert {"op": "refresh_collection", "name": "projects"} in captured.bare
     assert {"op": "refresh_collection", "name": "todos"} in captured.for_audience(audience)
+
+
+def team_of_project(todo: Todo) -> str:
+    assert todo.project is not None
+    return f"team-{todo.project.name}"
+
+
+@override_settings(VERITY={"PUSH": False})
+def test_update_with_a_callable_audience_costs_no_query_per_row(alice: Any) -> None:
+    """Issue 10, finding 7: the callable reads ``todo.project`` of every row."""
+    red = Project.objects.create(name="red", owner=alice)
+    blue = Project.objects.create(name="blue", owner=alice)
+    declared = registry._declared[Todo]
+    verity_django.register(Todo, directives=declared.directives, audience=team_of_project)
+    try:
+        make_todos(alice, red, 150)
+        with capture_directives() as captured, CaptureQueriesContext(connection) as queries:
+            Todo.objects.all().update(project=blue)
+    finally:
+        verity_django.register(
+            Todo, directives=declared.directives, audience=declared.audience, relations=["tags"]
+        )
+    assert captured.audiences == {"team-red", "team-blue"}
+    # Rows before, the UPDATE, rows after, and the projects of each (one query each).
+    assert len(queries) <= 6, [q["sql"][:80] for q in queries]
+
+
+@override_settings(VERITY={"COLLAPSE_THRESHOLD": 5})
+def test_many_params_variants_of_a_collection_collapse(alice: Any) -> None:
+    """Issue 10, finding 7: a bulk_update across projects is not one directive each."""
+    projects = Project.objects.bulk_create(Project(name=f"p{i}", owner=alice) for i in range(8))
+    todos = make_todos(alice, projects[0], 8)
+    loaded = list(Todo.objects.all())
+    for t, p in zip(loaded, projects, strict=True):
+        t.project = p
+    with capture_directives() as captured:
+        Todo.objects.bulk_update(loaded, ["project"])
+    todos_directives = [x for x in captured.bare if x["name"] == "todos"]
+    assert todos_directives == [{"op": "refresh_collection", "name": "todos"}]
+    assert len(todos) == 8
+    assert captured.audiences == {f"user-{alice.pk}"}

@@ -5,11 +5,13 @@ from typing import Any
 import pytest
 from django.contrib.auth import get_user_model
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 
 import verity_django
-from testproject.todos.models import Project, Todo
+from tests.testapp.models import Project, Todo
 from verity_django import registry
+from verity_django.audience_specs import FieldAudience, PathAudience, prefix_for
 from verity_django.registry import Declaration, bind
 from verity_django.rules import RefreshCollection, RefreshItem
 from verity_django.testing import capture_directives
@@ -19,7 +21,7 @@ def test_meta_rules_are_bound_to_attnames() -> None:
     bound = registry.get(Todo)
     assert bound is not None
     assert set(bound.tracked) == {"id", "status", "project_id", "owner_id"}
-    assert bound.audience_fields == (("owner_id", "user-"),)
+    assert bound.audience.specs == (FieldAudience("owner_id", "user-", Todo._meta.label),)
     assert registry.get(Project) is not None
 
 
@@ -50,9 +52,9 @@ def test_register_as_call_and_unregister(db: Any) -> None:
 
 def test_register_as_decorator(db: Any) -> None:
     User = get_user_model()
-    decorated = verity_django.register(directives=[RefreshCollection("users")], audience="staff")(
-        User
-    )
+    decorated = verity_django.register(
+        directives=[RefreshCollection("users")], audience=verity_django.Audience("staff")
+    )(User)
     try:
         assert decorated is User
         with capture_directives() as captured:
@@ -122,7 +124,24 @@ def errors_for(**declaration: Any) -> list[checks.CheckMessage]:
             "verity_django.E108",
             "tags",
         ),
-        ({"directives": [], "audience": "not valid!"}, "verity_django.E109", "directive_audience"),
+        (
+            {"directives": [], "audience": verity_django.Audience("not valid!")},
+            "verity_django.E109",
+            "directive_audience",
+        ),
+        ({"directives": [], "audience": 42}, "verity_django.E109", "must be a field name"),
+        # A typo is not a constant audience (issue 10, finding 5).
+        ({"directives": [], "audience": "writer"}, "verity_django.E111", "'writer' is neither"),
+        (
+            {"directives": [], "audience": "project__nope"},
+            "verity_django.E112",
+            "'nope' is not a concrete field",
+        ),
+        (
+            {"directives": [], "audience": "title__owner"},
+            "verity_django.E112",
+            "'title' is not a foreign key",
+        ),
         ({"directives": [], "relations": ["title"]}, "verity_django.E110", "many-to-many"),
     ],
 )
@@ -149,3 +168,60 @@ def test_rule_checks_run_with_the_system_checks() -> None:
 
 def test_valid_project_passes_all_checks() -> None:
     assert [e for e in checks.run_checks() if e.id.startswith("verity_django")] == []
+
+
+def test_a_typo_in_the_audience_hints_at_the_explicit_constant() -> None:
+    [error] = errors_for(directives=[], audience="writer")
+    assert error.hint is not None
+    assert "verity_django.Audience('writer')" in error.hint
+
+
+def test_explicit_constants_global_and_related_paths_bind() -> None:
+    assert errors_for(directives=[], audience=[verity_django.Audience("team-ops"), "global"]) == []
+    bound = bind(Todo, Declaration([], audience="project__owner"))
+    [path] = bound.audience.specs
+    assert isinstance(path, PathAudience)
+    assert (path.attname, path.prefix) == ("project_id", "user-")
+    assert "project_id" in bound.tracked
+
+
+def test_rules_with_errors_stop_the_app_from_loading() -> None:
+    """uvicorn and gunicorn never run system checks (issue 10, finding 4)."""
+    broken = Declaration([RefreshCollection("todos", params=["colour"])])
+    original = registry._declared[Todo]
+    registry._declared[Todo] = broken
+    try:
+        with pytest.raises(ImproperlyConfigured, match=r"verity_django\.E108 testapp\.Todo"):
+            registry.load_meta_rules()
+    finally:
+        registry._declared[Todo] = original
+    # The rules in force are untouched.
+    assert registry.get(Todo) is not None
+    assert "status" in [p for b in registry.get(Todo).rules for p, _ in getattr(b, "params", ())]
+
+
+def test_registering_rules_with_errors_raises_and_keeps_the_old_rules(todo: Todo) -> None:
+    before = registry.get(Todo)
+    with pytest.raises(ImproperlyConfigured, match=r"verity_django\.E111"):
+        verity_django.register(Todo, directives=[RefreshItem("todo")], audience="writer")
+    assert registry.get(Todo) is before
+    with capture_directives() as captured:
+        todo.save()
+    assert captured.audiences == {f"user-{todo.owner_id}"}
+
+
+def test_models_named_user_outside_auth_get_their_app_label_in_front() -> None:
+    """Issue 12, item 6: only the user model's audiences are ``user-<pk>``."""
+    User = get_user_model()
+    assert prefix_for(User) == "user-"
+    assert prefix_for(Project) == "project-"
+
+    class Meta:
+        label = "crm.User"
+        model_name = "user"
+        app_label = "crm"
+
+    class CrmUser:
+        _meta = Meta
+
+    assert prefix_for(CrmUser) == "crm.user-"

@@ -120,3 +120,24 @@ def test_choices_members_become_plain_json_values() -> None:
     assert type(value) is str
     assert value == "done"
     assert to_json_value(True) is True
+
+
+def test_values_json_cannot_carry_are_refused_where_the_directive_is_made(caplog: Any) -> None:
+    """Issue 11: NaN, infinity and lone surrogates never reach an envelope."""
+    from verity_django import rules
+
+    rule = RefreshCollection("readings", params=["value"])
+    for value in (float("nan"), float("inf"), float("-inf"), "\ud800"):
+        before = rules.counters.refused_values
+        out = run(rule, "update", {"value": 1.5}, {"value": value})
+        assert out == [{"op": "refresh_collection", "name": "readings"}]
+        assert rules.counters.refused_values == before + 1
+    assert "'value'" in caplog.text
+    assert "nan" in caplog.text
+
+
+def test_an_item_id_that_cannot_be_sent_refreshes_its_collections() -> None:
+    rule = RefreshItem("sensor", id="sensor_id", collection="sensors")
+    item = BoundItem(rule, "tests.Model", "sensor_id", ("sensors",), rule.events())
+    out = [x.to_dict() for x, _ in evaluate(item, "create", None, {"sensor_id": float("inf")})]
+    assert out == [{"op": "refresh_collection", "name": "sensors"}]
