@@ -21,11 +21,15 @@ from typing import Any, Protocol
 
 from django.conf import settings
 from django.core import checks
-from django.core.exceptions import FieldDoesNotExist
 from django.db import models
 
 from verity_django.audiences import GLOBAL, InvalidAudience, validate_audience
-from verity_django.rules import MISSING, report_refused_value, report_user_code_error
+from verity_django.rules import (
+    MISSING,
+    concrete_field,
+    report_refused_value,
+    report_user_code_error,
+)
 
 # Keeps each IN list under every backend's parameter limit.
 _CHUNK = 500
@@ -250,7 +254,7 @@ def _parse_one(
             "verity_django.Audience(...) or a callable.",
             "E109",
         )
-    first = _concrete_field(model, item)
+    first = concrete_field(model, item)
     if first is not None:
         if first.is_relation and first.related_model is not None:
             return FieldAudience(first.get_attname(), prefix_for(first.related_model), label), None
@@ -275,7 +279,7 @@ def _parse_path(
     current: Any = model
     fields: list[Any] = []
     for position, name in enumerate(names):
-        f = _concrete_field(current, name)
+        f = concrete_field(current, name)
         last = position == len(names) - 1
         if f is None or (not last and not (f.is_relation and f.related_model is not None)):
             return None, _error(
@@ -316,16 +320,6 @@ def prefix_for(related: Any) -> str:
     if name == "user":
         return f"{related._meta.app_label}.{name}-"
     return f"{name}-"
-
-
-def _concrete_field(model: Any, name: str) -> Any:
-    try:
-        f = model._meta.get_field(name)
-    except FieldDoesNotExist:
-        return None
-    if not getattr(f, "concrete", False) or f.many_to_many:
-        return None
-    return f
 
 
 def _all_attnames(model: type[models.Model]) -> tuple[str, ...]:

@@ -59,27 +59,20 @@ _counters_lock = threading.Lock()
 
 def report_user_code_error(model_label: str, where: str, func: Any, problem: str) -> None:
     """Log and count a failure of user code inside a rule; the change goes on."""
-    with _counters_lock:
-        counters.user_code_errors += 1
-    logger.error(
-        "verity_django: %s: %s %s %s; falling back to a safe directive",
-        model_label,
-        where,
-        getattr(func, "__qualname__", repr(func)),
-        problem,
+    name = getattr(func, "__qualname__", repr(func))
+    _report(
+        "user_code_errors", f"{model_label}: {where} {name} {problem}; sending a safe directive"
     )
 
 
 def report_refused_value(model_label: str, where: str, value: Any, problem: str) -> None:
+    _report("refused_values", f"{model_label}: refused {where} value {value!r} ({problem})")
+
+
+def _report(counter: str, message: str) -> None:
     with _counters_lock:
-        counters.refused_values += 1
-    logger.error(
-        "verity_django: %s: refused %s value %r (%s); falling back to a wider refresh",
-        model_label,
-        where,
-        value,
-        problem,
-    )
+        setattr(counters, counter, getattr(counters, counter) + 1)
+    logger.error("verity_django: %s", message)
 
 
 @dataclass(frozen=True)
@@ -547,13 +540,19 @@ def attname_of(model: Any, name: str) -> str | None:
     """The attribute a rule reads for ``name``: a concrete, non-m2m field."""
     if name == "pk":
         return model._meta.pk.attname if model._meta.pk else None
+    f = concrete_field(model, name)
+    return None if f is None else str(f.get_attname())
+
+
+def concrete_field(model: Any, name: str) -> Any:
+    """The field ``name`` (or attribute name) of ``model`` if it has a column, else None."""
     try:
         f = model._meta.get_field(name)
     except FieldDoesNotExist:
         return None
     if not getattr(f, "concrete", False) or f.many_to_many:
         return None
-    return str(f.get_attname())
+    return f
 
 
 def _error(model: Any, msg: str, code: str, hint: str | None = None) -> checks.CheckMessage:

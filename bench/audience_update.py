@@ -1,0 +1,98 @@
+"""What telling old and new audiences costs a 1,000-row ``update()``.
+
+    .venv/bin/python -m bench.audience_update [--rows 1000] [--repetitions 7]
+
+One process, one fresh SQLite file, the test suite's ``Todo`` model. Each
+repetition moves every row to another project (the foreign key that decides
+the audience) with ``Todo.objects.update(project=...)``, three ways,
+interleaved and in a rotating order:
+
+- ``path``: ``directive_audience = "project__owner"`` (a related path);
+- ``callable``: ``directive_audience = lambda todo: f"user-{todo.project.owner_id}"``;
+- ``off``: the same ``update()`` inside ``verity_django.disabled()``.
+
+It prints the query count of each (the same every repetition) and the median
+time, as a ratio to ``off``. Publishing is off (``PUSH: False``) so that only
+the rule work is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+
+def team_owner(todo: Any) -> str:
+    return f"user-{todo.project.owner_id}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--repetitions", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["VERITY_SQLITE_PATH"] = os.path.join(tmp, "bench.sqlite3")
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+        import django
+
+        django.setup()
+        run(args.rows, args.repetitions)
+
+
+def run(rows: int, repetitions: int) -> None:
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    import verity_django
+    from tests.testapp.models import Project, Todo
+    from verity_django import registry
+    from verity_django.testing import capture_directives
+
+    settings.VERITY = {**getattr(settings, "VERITY", {}), "PUSH": False}
+    call_command("migrate", verbosity=0, run_syncdb=True)
+    User = get_user_model()
+    alice = User.objects.create(username="alice")
+    bob = User.objects.create(username="bob")
+    here = Project.objects.create(name="here", owner=alice)
+    there = Project.objects.create(name="there", owner=bob)
+    Todo.objects.bulk_create(Todo(title=f"t{i}", owner=alice, project=here) for i in range(rows))
+    declared = registry._declared[Todo]
+
+    audiences: dict[str, Any] = {"path": "project__owner", "callable": team_owner, "off": None}
+    times: dict[str, list[float]] = {name: [] for name in audiences}
+    queries: dict[str, int] = {}
+    names = list(audiences)
+    target = there
+    for repetition in range(repetitions):
+        order = names[repetition % 3 :] + names[: repetition % 3]
+        for name in order:
+            audience = audiences[name]
+            if audience is not None:
+                verity_django.register(
+                    Todo, directives=declared.directives, audience=audience, relations=["tags"]
+                )
+            scope = verity_django.disabled() if audience is None else capture_directives()
+            with CaptureQueriesContext(connection) as captured, scope:
+                start = time.perf_counter()
+                Todo.objects.all().update(project=target)
+                times[name].append(time.perf_counter() - start)
+            queries[name] = len(captured)
+            target = here if target is there else there
+    baseline = statistics.median(times["off"])
+    print(f"{rows}-row update() moving every row to another owner's project, {repetitions} reps")
+    print(f"{'audience':<10} {'queries':>8} {'median ms':>10} {'ratio to off':>13}")
+    for name in names:
+        median = statistics.median(times[name])
+        print(f"{name:<10} {queries[name]:>8} {median * 1000:>10.1f} {median / baseline:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
