@@ -39,6 +39,12 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
         assignments, expressions = _assignments(self.model, kwargs)
         with transaction.atomic(using=self.db, savepoint=False):
             plans = [_Update(self, rules, assignments, expressions) for rules in of.rules]
+            for child, rules in of.children:
+                # The rows of this update that are also rows of the child.
+                rows = child._base_manager.using(self.db).filter(
+                    pk__in=self.order_by().values("pk")
+                )
+                plans.append(_Update(rows, rules, assignments, expressions))
             count = super().update(**kwargs)
             routed = [r for plan in plans for r in plan.routed()]
         batching.collect(routed, using=self.db)
@@ -101,7 +107,7 @@ class _Update:
 
     def __init__(
         self,
-        qs: DirectiveQuerySet[Any],
+        qs: models.QuerySet[Any],
         rules: registry.ModelRules,
         assignments: dict[str, Any],
         expressions: dict[str, Any],

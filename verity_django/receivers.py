@@ -3,21 +3,27 @@
 Each receiver is connected per sender with a ``dispatch_uid``, for the models
 that have rules (and their proxies and multi-table children), so models
 without rules pay nothing. ``raw=True`` saves (fixture loading) emit
-nothing. Two changes send no signal of their own and are covered here too:
+nothing. Some changes send no signal of their own and are covered here too:
 
 - ``on_delete=SET_NULL``/``SET_DEFAULT``/``SET(...)``: Django's collector
   updates the referring rows with one ``UPDATE``; a ``pre_delete`` receiver
   on the referenced model reads their tracked values first (one query per
   relation) and emits them as updates, collected into the deleting
   transaction so that they roll back with it;
+- deleting the target of a declared m2m (a label) deletes its links with no
+  ``m2m_changed``: the same receiver updates the rows it was linked to;
+- a save through a multi-table parent (a ``Card`` that is also a ``Bug``)
+  writes the child's row too: the child's own rules run, with the child
+  row read in one query;
 - ``refresh_from_db()``: see :func:`_resnapshot_on_refresh_from_db`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, models
 from django.db.models.signals import m2m_changed, post_delete, post_init, post_save, pre_delete
@@ -56,8 +62,8 @@ def install(
         for rel in rules.relations:
             handler = functools.partial(_on_m2m_changed, rules, rel)
             _connect(m2m_changed, handler, rel.remote_field.through, f"m2m.{rel.name}")
-    for referenced, targets in _set_on_delete_targets(registered, models_).items():
-        handler = functools.partial(_on_pre_delete, tuple(targets))
+    for referenced, effects in _deletion_effects(registered, models_).items():
+        handler = functools.partial(_on_pre_delete, tuple(effects))
         _connect(pre_delete, handler, referenced, "pre_delete")
 
 
@@ -95,8 +101,29 @@ def _on_post_save(
         for rules in of.rules:
             now = tracking.with_values(instance, new) if rules.needs_instances else instance
             routed.extend(rules.route([rules.change(event, old, new, now)], db))
+        if not created:
+            for child, rules in of.children:
+                routed.extend(_through_parent(child, rules, instance, old, db))
         batching.collect(routed, using=using)
     tracking.remember(instance, new)
+
+
+def _through_parent(
+    child: type[models.Model],
+    rules: ModelRules,
+    instance: models.Model,
+    old: Mapping[str, Any] | None,
+    using: str,
+) -> list[Routed]:
+    """The child's rules for a save of its parent's row (one query to read
+    the child's row; it is None when the row is not also a child)."""
+    row = child._base_manager.using(using).filter(pk=instance.pk).first()
+    if row is None:
+        return []
+    now = tracking.current(row, rules.tracked)
+    before = {**now, **{k: v for k, v in (old or {}).items() if k in now}}
+    loaded = tracking.with_values(row, before) if rules.needs_old_instances else None
+    return rules.route([rules.change("update", before, now, row, loaded)], using)
 
 
 def _on_post_delete(
@@ -179,61 +206,92 @@ def _rows(rules: ModelRules, using: str, pks: Iterable[Any]) -> list[tuple[dict[
     return out
 
 
-_SetTarget: TypeAlias = "tuple[models.ForeignKey[Any, Any], ModelRules, Any]"
+@dataclass(frozen=True)
+class _SetsForeignKey:
+    """Deleting the referenced row sets ``fk`` of the rows pointing at it."""
 
+    fk: Any
+    rules: ModelRules
+    replacement: Any
 
-def _on_pre_delete(
-    targets: tuple[_SetTarget, ...],
-    sender: Any,
-    instance: models.Model,
-    using: str | None = None,
-    **kwargs: Any,
-) -> None:
-    if not active():
-        return
-    db = using or DEFAULT_DB_ALIAS
-    routed: list[Routed] = []
-    for fk, rules, replacement in targets:
-        referred = getattr(instance, fk.target_field.attname, None)
+    def routed(self, deleted: models.Model, using: str) -> list[Routed]:
+        referred = getattr(deleted, self.fk.target_field.attname, None)
         if referred is None:
-            continue
-        new_value = _replacement_value(replacement, fk)
-        manager = rules.model._base_manager.using(db).order_by()
-        rows = manager.filter(**{fk.attname: referred})
+            return []
+        rules, attname = self.rules, self.fk.attname
+        new_value = _replacement_value(self.replacement, self.fk)
+        rows = rules.model._base_manager.using(using).order_by().filter(**{attname: referred})
         changes = []
         if rules.needs_instances:
             for row in rows:
                 old = tracking.current(row, rules.tracked)
-                new = {**old, fk.attname: new_value}
+                new = {**old, attname: new_value}
                 changes.append(
                     rules.change("update", old, new, tracking.with_values(row, new), row)
                 )
         else:
             for values in rows.values_list(*rules.tracked):
                 old = dict(zip(rules.tracked, values, strict=True))
-                changes.append(rules.change("update", old, {**old, fk.attname: new_value}))
-        routed.extend(rules.route(changes, db))
-    batching.collect(routed, using=using)
+                changes.append(rules.change("update", old, {**old, attname: new_value}))
+        return rules.route(changes, using)
 
 
-def _set_on_delete_targets(
+@dataclass(frozen=True)
+class _Unlinks:
+    """Deleting the target of a declared m2m deletes its links with no
+    ``m2m_changed``: the rows it was linked to are updated."""
+
+    rel: Any
+    rules: ModelRules
+
+    def routed(self, deleted: models.Model, using: str) -> list[Routed]:
+        rules = self.rules
+        linked = _linked(self.rel, deleted, using)
+        changes = [
+            rules.change("update", values, values, row, row)
+            for values, row in _rows(rules, using, linked)
+        ]
+        return rules.route(changes, using)
+
+
+_Effect = _SetsForeignKey | _Unlinks
+
+
+def _on_pre_delete(
+    effects: tuple[_Effect, ...],
+    sender: Any,
+    instance: models.Model,
+    using: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Collected into the deleting transaction, so they roll back with it."""
+    if not active():
+        return
+    db = using or DEFAULT_DB_ALIAS
+    batching.collect([r for effect in effects for r in effect.routed(instance, db)], using=using)
+
+
+def _deletion_effects(
     registered: Iterable[ModelRules], models_: Sequence[type[models.Model]]
-) -> dict[type[models.Model], list[_SetTarget]]:
-    """For each model rows of registered models point at with a setting
-    ``on_delete``, the foreign keys and the value the collector sets."""
-    out: dict[type[models.Model], list[_SetTarget]] = {}
+) -> dict[type[models.Model], list[_Effect]]:
+    """For each model whose delete changes rows of registered models without
+    a signal: foreign keys with a setting ``on_delete``, and declared m2m."""
+    out: dict[type[models.Model], list[_Effect]] = {}
+
+    def on_delete_of(referenced: Any, effect: _Effect) -> None:
+        # A proxy's delete is sent with the proxy as sender.
+        for model in models_:
+            if model._meta.concrete_model is referenced._meta.concrete_model:
+                out.setdefault(model, []).append(effect)
+
     for rules in registered:
         for fk in rules.model._meta.concrete_fields:
-            if not (fk.is_relation and fk.many_to_one):
-                continue
-            replacement = _replacement(fk)
-            if replacement is MISSING:
-                continue
-            referenced = fk.related_model
-            # A proxy's delete is sent with the proxy as sender.
-            for model in models_:
-                if model._meta.concrete_model is referenced._meta.concrete_model:  # type: ignore[union-attr]
-                    out.setdefault(model, []).append((fk, rules, replacement))  # type: ignore[arg-type]
+            if fk.is_relation and fk.many_to_one:
+                replacement = _replacement(fk)
+                if replacement is not MISSING:
+                    on_delete_of(fk.related_model, _SetsForeignKey(fk, rules, replacement))
+        for rel in rules.relations:
+            on_delete_of(rel.related_model, _Unlinks(rel, rules))
     return out
 
 

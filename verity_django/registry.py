@@ -108,15 +108,24 @@ class ModelRules:
         routed: list[Routed] = []
         for change in changes:
             told = change.told(audiences_of)
-            for bound in self.rules:
-                for directive, collapse_to, side in bound.evaluate(
-                    change.event, change.old, change.new, change.instance
-                ):
-                    if directive.result is None:
-                        routed.append(Routed(directive, told[side], collapse_to))
-                    else:
+            views = [(change.event, change.old, change.new, told)]
+            if change.event == "update" and told[OLD] != told[NEW]:
+                # To an audience the row entered, the change is a create; to
+                # one it left, a delete: their lists gained or lost it.
+                entered, left = told[NEW] - told[OLD], told[OLD] - told[NEW]
+                views.append(("create", None, change.new, {NEW: entered, BOTH: entered}))
+                views.append(("delete", change.old, None, {OLD: left, BOTH: left}))
+            for event, old, new, to in views:
+                for bound in self.rules:
+                    for directive, collapse_to, side in bound.evaluate(
+                        event, old, new, change.instance
+                    ):
+                        audiences = to.get(side, frozenset())
+                        if not audiences and event != change.event:
+                            continue
                         # The object's data goes only where the object is now.
-                        routed.append(Routed(directive, told[side], collapse_to, told[NEW]))
+                        current = None if directive.result is None else told[NEW]
+                        routed.append(Routed(directive, audiences, collapse_to, current))
         return routed
 
     def audiences_of(self, sides: Sequence[Side], using: str) -> frozenset[str]:
@@ -138,6 +147,9 @@ class RulesOf:
     model: type[models.Model]
     rules: tuple[ModelRules, ...]
     tracked: tuple[str, ...]
+    # Multi-table children with rules of their own: a change made through
+    # this class to a row that is also a child's changes the child's row too.
+    children: tuple[tuple[type[models.Model], ModelRules], ...] = ()
 
 
 _declared: dict[type[models.Model], Declaration] = {}
@@ -325,9 +337,17 @@ def _connect() -> None:
     candidates = dict.fromkeys([*apps.get_models(), *_registry])
     for model in candidates:
         chain = tuple(dict.fromkeys(_chain(model)))
-        if chain:
-            tracked = tuple(dict.fromkeys(a for rules in chain for a in rules.tracked))
-            _applicable[model] = RulesOf(model, chain, tracked)
+        children = tuple(
+            (child, rules)
+            for child, rules in _registry.items()
+            if not child._meta.proxy and model in child._meta.get_parent_list()
+        )
+        if chain or children:
+            own = {f.attname for f in model._meta.concrete_fields}
+            tracked = [a for rules in chain for a in rules.tracked]
+            # The children's old values of the fields they share with us.
+            tracked += [a for _, rules in children for a in rules.tracked if a in own]
+            _applicable[model] = RulesOf(model, chain, tuple(dict.fromkeys(tracked)), children)
     receivers.install(_applicable.values(), _registry.values(), list(candidates))
 
 
