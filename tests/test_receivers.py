@@ -334,3 +334,29 @@ def test_a_multi_table_child_also_follows_its_parents_rules(alice: Any) -> None:
         bug.title = "d"
         bug.save()
     assert {"op": "refresh_item", "name": "card", "id": bug.pk} in captured.bare
+
+
+def test_deleting_an_m2m_target_tells_the_rows_it_was_linked_to(todo: Todo) -> None:
+    tag = Tag.objects.create(name="urgent")
+    todo.tags.add(tag)
+    with capture_directives() as captured:
+        tag.delete()
+    assert {"op": "refresh_item", "name": "todo", "id": todo.pk} in captured.for_audience(
+        f"user-{todo.owner_id}"
+    )
+
+
+def test_a_change_through_the_parent_class_runs_the_childs_rules(alice: Any) -> None:
+    team = Team.objects.create(name="a")
+    board = Board.objects.create(team=team, name="b")
+    bug = Bug.objects.create(board=board, title="c", severity=2)
+    card = Card.objects.get(pk=bug.pk)
+    with capture_directives() as captured:
+        card.assignee = alice
+        card.save()
+    assert {"op": "refresh_item", "name": "bug", "id": bug.pk} in captured.for_audience(
+        f"user-{alice.pk}"
+    )
+    with capture_directives() as captured:
+        Card.objects.filter(pk=bug.pk).update(title="d")
+    assert {"op": "refresh_item", "name": "bug", "id": bug.pk} in captured.bare
