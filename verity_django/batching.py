@@ -21,6 +21,7 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from verity_django import directives as d
+from verity_django import internals
 from verity_django.audiences import GLOBAL, validate_audience
 from verity_django.conf import conf
 from verity_django.rules import Routed
@@ -221,7 +222,7 @@ def collect(routed: list[Routed], *, using: str | None = None) -> None:
         return
     scope = _scope.get()
     connection = connections[using or DEFAULT_DB_ALIAS]
-    if not _in_transaction(connection):
+    if not internals.commit_is_ahead(connection):
         _deliver_to(scope, routed)
         return
     target = scope if scope is not None else _transaction_batch(connection)
@@ -253,14 +254,14 @@ _PART_ATTR = "_verity_open_part"
 
 
 def _open_part(connection: Any, target: Batch) -> _Part:
-    savepoints = tuple(connection.savepoint_ids)
+    savepoints = internals.open_savepoints(connection)
     part: _Part | None = getattr(connection, _PART_ATTR, None)
     if (
         part is not None
         and part.target is target
         and part.savepoints == savepoints
         # Still registered: a rollback of its savepoint or transaction drops it.
-        and any(entry[1] is part for entry in connection.run_on_commit[-2:])
+        and internals.is_registered(connection, part, among_last=2)
     ):
         return part
     part = _Part(target, savepoints)
@@ -289,22 +290,6 @@ def _deliver_to(scope: Batch | None, routed: list[Routed]) -> None:
     single.close()
 
 
-def _in_transaction(connection: Any) -> bool:
-    """Whether a commit is still to come for changes made now.
-
-    A TestCase's own atomic blocks never commit, so inside a test a change
-    counts as committed unless a block of the code under test can still roll
-    it back on its own: blocks opened with ``savepoint=False`` (model
-    deletes, ``bulk_create``) commit or fail with their enclosing block.
-    """
-    if not connection.in_atomic_block:
-        return False
-    blocks = connection.atomic_blocks
-    if not any(getattr(a, "_from_testcase", False) for a in blocks):
-        return True
-    return any(a.savepoint for a in blocks if not getattr(a, "_from_testcase", False))
-
-
 # An implicit batch collects one outermost transaction outside any scope. Its
 # flush callback is registered with no savepoint ids, so a savepoint rollback
 # never discards it (Django drops only callbacks tagged with that savepoint),
@@ -314,25 +299,19 @@ _FLUSH_ATTR = "_verity_transaction_batch"
 
 def _transaction_batch(connection: Any) -> Batch:
     state = getattr(connection, _FLUSH_ATTR, None)
-    if state is not None and any(entry[1] is state[1] for entry in connection.run_on_commit):
+    if state is not None and internals.is_registered(connection, state[1]):
         return state[0]  # type: ignore[no-any-return]
     scope = Batch()
     flush = partial(_flush_transaction_batch, connection, scope)
     setattr(connection, _FLUSH_ATTR, (scope, flush))
-    connection.run_on_commit.append((set(), flush, False))
+    internals.register_unscoped(connection, flush)
     return scope
 
 
 def _keep_flush_last(connection: Any) -> None:
     state = getattr(connection, _FLUSH_ATTR, None)
-    if state is None:
-        return
-    hooks = connection.run_on_commit
-    for index, entry in enumerate(hooks):
-        if entry[1] is state[1]:
-            if index != len(hooks) - 1:
-                hooks.append(hooks.pop(index))
-            return
+    if state is not None:
+        internals.move_to_end(connection, state[1])
 
 
 def _flush_transaction_batch(connection: Any, scope: Batch) -> None:
