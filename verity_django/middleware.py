@@ -41,32 +41,30 @@ class DirectiveMiddleware:
             return self.__acall__(request)
         if not conf.ENABLED:
             return self.get_response(request)
-        scope = batching.Batch(source=pull.client_id(request))
-        token = batching._scope.set(scope)
-        request.verity_batch = scope  # type: ignore[attr-defined]
+        opened = batching.Batch(source=pull.client_id(request))
+        request.verity_batch = opened  # type: ignore[attr-defined]
         try:
-            response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
-            self._inject_json(request, response)
+            with batching.activate(opened):
+                response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
+                self._inject_json(request, response)
         finally:
-            batching._scope.reset(token)
-            scope.close()
+            opened.close()
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         if not conf.ENABLED:
             return await self.get_response(request)  # type: ignore[no-any-return,misc]
-        scope = batching.Batch(source=pull.client_id(request))
-        token = batching._scope.set(scope)
-        request.verity_batch = scope  # type: ignore[attr-defined]
+        opened = batching.Batch(source=pull.client_id(request))
+        request.verity_batch = opened  # type: ignore[attr-defined]
         try:
-            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
-            self._inject_json(request, response)
+            with batching.activate(opened):
+                response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+                self._inject_json(request, response)
         finally:
-            batching._scope.reset(token)
-            if scope and not scope.closed:
-                await sync_to_async(scope.close)()
+            if opened and not opened.closed:
+                await sync_to_async(opened.close)()
             else:
-                scope.closed = True
+                opened.closed = True
         return response
 
     def process_template_response(self, request: HttpRequest, response: Any) -> Any:
@@ -76,9 +74,9 @@ class DirectiveMiddleware:
         # The view has returned and its transaction committed. Django runs
         # this hook in a worker thread already, so publishing here spares the
         # async path one more thread hop; later changes publish on their own.
-        scope = getattr(request, "verity_batch", None)
-        if isinstance(scope, batching.Batch):
-            scope.close()
+        opened = getattr(request, "verity_batch", None)
+        if isinstance(opened, batching.Batch):
+            opened.close()
         return response
 
     @staticmethod
