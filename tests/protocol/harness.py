@@ -47,8 +47,13 @@ RUNNER = HERE / "run_vectors.mjs"
 CLIENT_JS = HERE.parents[1] / "testproject" / "static" / "verity_demo" / "verity-client.js"
 NODE = os.environ.get("VERITY_NODE", "/usr/bin/node")
 
-FIELDS = ("outcome", "seqs", "resync", "directives", "fetches", "reloads")
+FIELDS: tuple[str, ...] = ("outcome", "seqs", "resync", "directives", "fetches", "reloads")
 PYTHON_UNMODELLED = frozenset({"fetches", "reloads"})
+# The fields each implementation's observations are compared on.
+MODELLED: dict[str, tuple[str, ...]] = {
+    "js": FIELDS,
+    "python": tuple(f for f in FIELDS if f not in PYTHON_UNMODELLED),
+}
 STEP_KINDS = ("push", "pull", "wait_ms")
 
 Observation = dict[str, Any]
@@ -175,10 +180,11 @@ def report(
     expected: Sequence[Observation],
     observed: Mapping[str, Sequence[Observation | None]],
     found: Sequence[tuple[int, str]],
+    against: str = "the table",
 ) -> str:
     """A readable account of where ``implementation`` left the expectation,
     with what every implementation saw at that step."""
-    lines = [f"vector {vector['name']!r}: {implementation} disagrees with the table"]
+    lines = [f"vector {vector['name']!r}: {implementation} disagrees with {against}"]
     if vector.get("about"):
         lines.append(f"  ({vector['about']})")
     for index in sorted({i for i, _ in found}):
@@ -218,7 +224,12 @@ def run_python(world: Mapping[str, Any], vector: Mapping[str, Any]) -> list[Obse
             continue
         if "wait_ms" in step:
             observations.append(
-                {"outcome": "waited", "seqs": dict(consumer.tracked), "resync": False, "directives": []}
+                {
+                    "outcome": "waited",
+                    "seqs": dict(consumer.tracked),
+                    "resync": False,
+                    "directives": [],
+                }
             )
             continue
         observations.append(_push_to_python(consumer, parser, step["push"]))
@@ -229,7 +240,12 @@ def _push_to_python(
     consumer: VerityConsumer, parser: SSEParser, envelope: Mapping[str, Any]
 ) -> Observation:
     before = dict(consumer.tracked)
-    counts = (len(consumer.envelopes), len(consumer.gaps), len(consumer.resyncs), len(consumer.errors))
+    counts = (
+        len(consumer.envelopes),
+        len(consumer.gaps),
+        len(consumer.resyncs),
+        len(consumer.errors),
+    )
     wire = "data: " + json.dumps(envelope) + "\n\n"
     for event in parser.feed(wire.encode()):
         consumer._handle_event(1, event)
