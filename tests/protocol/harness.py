@@ -35,7 +35,8 @@ import json
 import os
 import selectors
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -287,11 +288,13 @@ class NodeRunner:
 
     def __init__(self, timeout: float = 30.0) -> None:
         self.timeout = timeout
+        # A file, not a pipe: a chatty node must never block on a full stderr pipe.
+        self._stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
         self._process = subprocess.Popen(
             [NODE, str(RUNNER), str(CLIENT_JS)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._stderr_file,
         )
         assert self._process.stdout is not None
         self._selector = selectors.DefaultSelector()
@@ -314,6 +317,7 @@ class NodeRunner:
         fd = self._process.stdout.fileno()
         while b"\n" not in self._buffer:
             if not self._selector.select(self.timeout):
+                self._process.kill()
                 self.close()
                 raise TimeoutError(f"run_vectors.mjs gave no answer within {self.timeout}s")
             chunk = os.read(fd, 1 << 16)
@@ -325,9 +329,11 @@ class NodeRunner:
         return line
 
     def _stderr(self) -> str:
+        self._process.wait(timeout=5)
+        self._stderr_file.seek(0)
+        text = self._stderr_file.read().decode(errors="replace")[-2000:]
         self.close()
-        assert self._process.stderr is not None
-        return self._process.stderr.read().decode(errors="replace")[-2000:]
+        return text
 
     def close(self) -> None:
         if self._selector.get_map() is not None:
@@ -340,7 +346,6 @@ class NodeRunner:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait(timeout=5)
-
-
-def iter_vectors(table: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    yield from table["vectors"]
+        assert self._process.stdout is not None
+        self._process.stdout.close()
+        self._stderr_file.close()
