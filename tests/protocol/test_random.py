@@ -37,7 +37,7 @@ SCALE = max(1, int(os.environ.get("VERITY_FUZZ_SCALE", "1")))
 RANDOM = settings(
     max_examples=150 * SCALE,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 
@@ -57,44 +57,42 @@ class Reference:
     def step(self, step: dict[str, Any]) -> harness.Observation:
         if "wait_ms" in step:
             self.now += step["wait_ms"]
-            return self._seen("waited", [], set(), resync=False)
+            return self._seen("waited", [], [])
         if "pull" in step:
             results, fetched = self._directives(step["pull"], pushed=False)
-            return self._seen(self._summary(results), results, fetched, resync=False)
+            return self._seen(self._summary(results), results, fetched)
         env = step["push"]
         audience, previous = env["audience"], self.seqs.get(env["audience"])
         if env["type"] == "hello":
             last = env["last_seq"]
             self.seqs[audience] = last
             if previous is None:
-                return self._seen("start", [], set(), resync=False)
+                return self._seen("start", [], [])
             if last > previous:
-                return self._seen("gap", [], set(), resync=True)
-            return self._seen("reset" if last < previous else "current", [], set(), resync=False)
+                return self._seen("gap", [], self._resync(), resync=True)
+            return self._seen("reset" if last < previous else "current", [], [])
         if env.get("source") == ME:
-            return self._seen("echo", [], set(), resync=False)
+            return self._seen("echo", [], [])
         seq = env["seq"]
         limit = previous if self.off_by_one_gap else (previous or 0) + 1
         gap = previous is not None and seq > limit
         self.seqs[audience] = seq if previous is None else max(previous, seq)
         results, fetched = self._directives(env["directives"], pushed=True)
         if gap:
-            outcome = "gap"
-        elif not results:
-            outcome = "seq-only"
-        else:
-            outcome = self._summary(results)
-        return self._seen(outcome, results, fetched, resync=gap)
+            # The resync comes after the jitter, so after the directives' own fetches.
+            return self._seen("gap", results, fetched + self._resync(), resync=True)
+        return self._seen(self._summary(results) if results else "seq-only", results, fetched)
 
     def _directives(
         self, directives: list[dict[str, Any]], pushed: bool
-    ) -> tuple[list[str], set[str]]:
+    ) -> tuple[list[str], list[str]]:
         results: list[str] = []
         fetched: set[str] = set()
         for d in directives:
             key = d.get("idempotency_key")
             if pushed and d.get("source") == ME:
                 results.append("echo")
+            # Keys are never more than 2048 here, so only their age matters.
             elif (
                 key is not None
                 and key in self.keys
@@ -109,23 +107,21 @@ class Reference:
                 # no longer cached is not fetched.
                 if d["op"] == "refresh_collection" or self.item_cached:
                     fetched.add(TARGETS[d["op"]])
-        return results, fetched
+        return results, sorted(fetched)
 
     @staticmethod
     def _summary(results: list[str]) -> str:
         return "applied" if not results or "applied" in results else "skipped"
 
+    def _resync(self) -> list[str]:
+        """Every cached collection is refetched; an item not read for five minutes
+        is forgotten instead."""
+        self.item_cached = self.item_cached and self.now <= FIVE_MINUTES_MS
+        return [TARGETS["refresh_collection"]] + [TARGETS["refresh_item"]] * self.item_cached
+
     def _seen(
-        self, outcome: str, results: list[str], fetched: set[str], resync: bool
+        self, outcome: str, results: list[str], fetches: list[str], resync: bool = False
     ) -> harness.Observation:
-        fetches = sorted(fetched)
-        if resync:
-            # Every cached collection is refetched; an item not read for five
-            # minutes is forgotten instead.
-            fetches.append(TARGETS["refresh_collection"])
-            self.item_cached = self.item_cached and self.now <= FIVE_MINUTES_MS
-            if self.item_cached:
-                fetches.append(TARGETS["refresh_item"])
         return {
             "outcome": outcome,
             "seqs": dict(self.seqs),
