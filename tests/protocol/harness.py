@@ -71,8 +71,21 @@ def load_table(path: Path = TABLE) -> dict[str, Any]:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     assert not duplicated, f"vector names must be unique: {duplicated}"
     for vector in table["vectors"]:
+        for index, step in enumerate(vector["steps"], 1):
+            _check_step_shape(vector["name"], index, step)
         vector["steps"] = [expand_step(step) for step in vector["steps"]]
     return table
+
+
+def _check_step_shape(name: str, index: int, step: Mapping[str, Any]) -> None:
+    # A misspelt field would silently take its default and test nothing.
+    where = f"vector {name!r} step {index}"
+    kinds = [k for k in STEP_KINDS if k in step]
+    assert len(kinds) == 1, f"{where}: needs exactly one of {STEP_KINDS}, has {sorted(step)}"
+    assert set(step) <= {*STEP_KINDS, "expect"}, f"{where}: unknown keys {sorted(step)}"
+    assert "expect" in step or kinds == ["wait_ms"], f"{where}: has no expect"
+    unknown = set(step.get("expect", {})) - set(FIELDS)
+    assert not unknown, f"{where}: expect has unknown fields {sorted(unknown)}"
 
 
 def expand_step(step: Mapping[str, Any]) -> dict[str, Any]:
@@ -210,13 +223,17 @@ def _show(value: Any) -> str:
 # --------------------------------------------------------------------------
 
 
-def run_python(world: Mapping[str, Any], vector: Mapping[str, Any]) -> list[Observation | None]:
-    """Feeds the steps to a ``VerityConsumer`` as SSE bytes, with no network."""
-    consumer = VerityConsumer(
+def python_consumer(world: Mapping[str, Any]) -> VerityConsumer:
+    return VerityConsumer(
         base_url="http://127.0.0.1:9",  # never dialled
         audiences=tuple(world["audiences"]),
         client_id=world["client_id"],
     )
+
+
+def run_python(world: Mapping[str, Any], vector: Mapping[str, Any]) -> list[Observation | None]:
+    """Feeds the steps to a ``VerityConsumer`` as SSE bytes, with no network."""
+    consumer = python_consumer(world)
     parser = SSEParser()
     observations: list[Observation | None] = []
     for step in vector["steps"]:
@@ -302,15 +319,19 @@ class NodeRunner:
         self._buffer = b""
 
     def run(self, world: Mapping[str, Any], vector: Mapping[str, Any]) -> list[Observation]:
+        observations: list[Observation] = self.answer(world, vector)["observations"]
+        return observations
+
+    def answer(self, world: Mapping[str, Any], vector: Mapping[str, Any]) -> dict[str, Any]:
+        """The runner's whole answer: observations and the stream URL the client opened."""
         process = self._process
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(json.dumps({"world": world, "vector": vector}).encode() + b"\n")
         process.stdin.flush()
-        answer = json.loads(self._read_line())
+        answer: dict[str, Any] = json.loads(self._read_line())
         if "error" in answer:
             raise RuntimeError(f"run_vectors.mjs failed on {vector['name']!r}:\n{answer['error']}")
-        observations: list[Observation] = answer["observations"]
-        return observations
+        return answer
 
     def _read_line(self) -> bytes:
         assert self._process.stdout is not None

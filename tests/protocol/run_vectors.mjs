@@ -1,8 +1,9 @@
 // Drives the demo's verity-client.js headless, for tests/protocol.
 //
 // Reads one JSON request per line on stdin: {"world": {...}, "vector": {...}},
-// and answers one JSON line per request: {"observations": [...]} with one
-// observation per step, or {"error": "..."}. The client module is used as the
+// and answers one JSON line per request: {"observations": [...], "stream_url": ...}
+// with one observation per step and the URL the client opened its stream at,
+// or {"error": "..."}. The client module is used as the
 // page uses it; only its surroundings are fake: EventSource (messages are
 // handed to onmessage as text), fetchJson (answers at once and records what
 // was asked), setTimeout and Date.now (a clock that jumps to the next timer,
@@ -150,7 +151,7 @@ async function runVector(world, vector) {
     });
   }
   client.disconnect();
-  return observations;
+  return { observations, stream_url: stream.url };
 }
 
 function outcomeOf(step, logs, before, clientId) {
@@ -181,7 +182,7 @@ for await (const line of lines) {
   let answer;
   try {
     const { world, vector } = JSON.parse(line);
-    answer = { observations: await runVector(world, vector) };
+    answer = await runVector(world, vector);
   } catch (err) {
     answer = { error: String(err?.stack ?? err) };
   }

@@ -8,8 +8,11 @@ fixed, so that the mark is removed with the fix.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.protocol import harness
@@ -129,3 +132,23 @@ def test_a_wrong_expectation_is_reported_naming_vector_and_both_outcomes(
     # The unbroken vector passes for both, so it is the edit that was caught.
     check(node, vector, "js")
     check(node, vector, "python")
+
+
+def test_both_open_the_stream_at_the_same_url(node: harness.NodeRunner) -> None:
+    vector = {"name": "connect only", "steps": []}
+    js = httpx.URL(node.answer(WORLD, vector)["stream_url"])
+    consumer = harness.python_consumer(WORLD)
+    python = httpx.URL(consumer.url, params=consumer.params)
+    assert (js.path, js.params.multi_items()) == (python.path, python.params.multi_items())
+    assert js.params.get_list("audience") == WORLD["audiences"]
+    assert js.params["client_id"] == WORLD["client_id"]
+
+
+def test_a_misspelt_expectation_field_is_refused(tmp_path: Path) -> None:
+    step = {"pull": [], "expect": {"outcome": "applied", "fetch": ["collection todos {}"]}}
+    path = tmp_path / "vectors.json"
+    path.write_text(json.dumps({"world": WORLD, "vectors": [{"name": "typo", "steps": [step]}]}))
+    with pytest.raises(
+        AssertionError, match=r"vector 'typo' step 1: expect has unknown fields \['fetch'\]"
+    ):
+        harness.load_table(path)
