@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -16,8 +15,3 @@ def node() -> Iterator[harness.NodeRunner]:
     runner = harness.NodeRunner()
     yield runner
     runner.close()
-
-
-@pytest.fixture(scope="session")
-def table() -> dict[str, Any]:
-    return harness.load_table()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +45,28 @@ JS_DISAGREES = {
 
 TABLE = harness.load_table()
 WORLD = TABLE["world"]
-_observed: dict[str, dict[str, list[harness.Observation | None]]] = {}
+Observe = Callable[[dict[str, Any]], dict[str, list[harness.Observation | None]]]
 
 
-def observe(node: harness.NodeRunner, vector: dict[str, Any]) -> dict[str, Any]:
-    """Both implementations' observations of a vector, run once per session."""
-    name = vector["name"]
-    if name not in _observed:
-        _observed[name] = {
-            "js": list(node.run(WORLD, vector)),
-            "python": harness.run_python(WORLD, vector),
-        }
-    return _observed[name]
+@pytest.fixture(scope="session")
+def observe(node: harness.NodeRunner) -> Observe:
+    """Both implementations' observations of a vector, each vector run once per session
+    (the JS test of a vector reports the Python consumer's view too, and back)."""
+    cache: dict[str, dict[str, list[harness.Observation | None]]] = {}
+
+    def run(vector: dict[str, Any]) -> dict[str, list[harness.Observation | None]]:
+        if vector["name"] not in cache:
+            cache[vector["name"]] = {
+                "js": list(node.run(WORLD, vector)),
+                "python": harness.run_python(WORLD, vector),
+            }
+        return cache[vector["name"]]
+
+    return run
 
 
-def check(node: harness.NodeRunner, vector: dict[str, Any], implementation: str) -> None:
-    observed = observe(node, vector)
+def check(observe: Observe, vector: dict[str, Any], implementation: str) -> None:
+    observed = observe(vector)
     expected = harness.expected_observations(vector)
     found = harness.mismatches(
         vector, expected, observed[implementation], harness.MODELLED[implementation]
@@ -83,13 +90,13 @@ def _cases(known: dict[str, str]) -> list[Any]:
 
 
 @pytest.mark.parametrize("vector", _cases(JS_DISAGREES))
-def test_js_client(node: harness.NodeRunner, vector: dict[str, Any]) -> None:
-    check(node, vector, "js")
+def test_js_client(observe: Observe, vector: dict[str, Any]) -> None:
+    check(observe, vector, "js")
 
 
 @pytest.mark.parametrize("vector", _cases(PYTHON_DISAGREES))
-def test_python_consumer(node: harness.NodeRunner, vector: dict[str, Any]) -> None:
-    check(node, vector, "python")
+def test_python_consumer(observe: Observe, vector: dict[str, Any]) -> None:
+    check(observe, vector, "python")
 
 
 def test_table_covers_every_outcome_and_step_kind() -> None:
@@ -110,7 +117,7 @@ def test_table_covers_every_outcome_and_step_kind() -> None:
 
 
 def test_a_wrong_expectation_is_reported_naming_vector_and_both_outcomes(
-    node: harness.NodeRunner,
+    observe: Observe,
 ) -> None:
     (vector,) = [v for v in TABLE["vectors"] if v["name"] == "echo-then-foreign-looks-like-gap"]
     broken = copy.deepcopy(vector)
@@ -121,7 +128,7 @@ def test_a_wrong_expectation_is_reported_naming_vector_and_both_outcomes(
     third["resync"] = False
     for implementation in ("js", "python"):
         with pytest.raises(AssertionError) as failure:
-            check(node, broken, implementation)
+            check(observe, broken, implementation)
         message = str(failure.value)
         assert f"vector {broken['name']!r}: {implementation} disagrees" in message
         assert "step 3: push directives global seq=7 source=them" in message
@@ -130,8 +137,8 @@ def test_a_wrong_expectation_is_reported_naming_vector_and_both_outcomes(
         assert "outcome: python   gap" in message
         assert "resync: expected false" in message
     # The unbroken vector passes for both, so it is the edit that was caught.
-    check(node, vector, "js")
-    check(node, vector, "python")
+    check(observe, vector, "js")
+    check(observe, vector, "python")
 
 
 def test_both_open_the_stream_at_the_same_url(node: harness.NodeRunner) -> None:
