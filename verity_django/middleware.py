@@ -81,18 +81,24 @@ class DirectiveMiddleware:
 
     @staticmethod
     def _inject_drf(request: HttpRequest, response: Any) -> None:
-        if not hasattr(response, "data"):
+        if not hasattr(response, "data") or not _is_success(response):
             return
         if not (conf.INJECT_DRF_RESPONSES or getattr(response, "verity_inject", False)):
             return
         if not pull.wants_directives(request):
             return
-        items = pull.directives_for(request)
         if response.data is None and response.status_code == 204:
+            items = pull.directives_for(request)
+            if not items:
+                return
             response.status_code = 200
             response.data = {"directives": items}
         elif isinstance(response.data, dict):
-            response.data = {**response.data, "directives": items}
+            # A copy of the same type: DRF's ReturnDict.copy() keeps the
+            # serializer that the browsable API and HTMLFormRenderer read.
+            data = response.data.copy()
+            data["directives"] = pull.directives_for(request)
+            response.data = data
         else:
             return
         setattr(response, _INJECTED, True)
@@ -103,10 +109,12 @@ class DirectiveMiddleware:
             return
         if response.streaming or not isinstance(response, HttpResponse):
             return
-        if not pull.wants_directives(request):
+        if not _is_success(response) or not pull.wants_directives(request):
             return
         if response.status_code == 204 and not response.content:
             items = pull.directives_for(request)
+            if not items:
+                return
             response.status_code = 200
             response["Content-Type"] = "application/json"
             response.content = json.dumps({"directives": items}).encode()
@@ -121,3 +129,8 @@ class DirectiveMiddleware:
             return
         body["directives"] = pull.directives_for(request)
         response.content = json.dumps(body).encode()
+
+
+def _is_success(response: HttpResponseBase) -> bool:
+    # Errors keep their own shape: a form maps every key of a 400 to a field.
+    return 200 <= response.status_code < 300

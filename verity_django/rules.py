@@ -259,11 +259,16 @@ def _key(rule: Rule, instance: Any, event: str) -> str | None:
 def _result_payload(rule: RefreshItem, instance: Any) -> Any:
     assert rule.result is not None
     from verity_django.conf import conf
+    from verity_django.results import LevelResult, LevelsResult
 
     data = rule.result(instance)
-    payload: dict[str, Any] = {"data": data, "ts": d.now_ms()}
-    if rule.result_level is not None:
-        payload["level"] = rule.result_level
+    if data is None:
+        return None
+    # A payload object already names its levels; plain data is one level's.
+    if isinstance(data, LevelResult | LevelsResult):
+        payload = data.as_json()
+    else:
+        payload = LevelResult(rule.result_level, data).as_json()
     size = len(d.dumps(payload).encode())
     if size > conf.RESULT_MAX_BYTES:
         # The client refetches what a directive without result names.
