@@ -215,9 +215,7 @@ def test_every_collection_that_changes_is_refetched(
         expected = [
             t.pk
             for t in todos
-            if all(
-                (t.status if k == "status" else t.project_id) == v for k, v in params.items()
-            )
+            if all((t.status if k == "status" else t.project_id) == v for k, v in params.items())
         ]
         assert ids == expected, params
     target = todos[which % len(todos)]

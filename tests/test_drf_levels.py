@@ -181,6 +181,15 @@ def test_retrieve_at_each_level(api: APIClient, todo: Todo) -> None:
     }
 
 
+def test_default_level_spellings_and_views_without_levels(api: APIClient, todo: Todo) -> None:
+    for spelling in ("", "null", "default"):
+        assert fetched(api, todo, spelling) == fetched(api, todo, None)
+    response = api.get(f"/api/projects/{todo.project_id}/", {"level": "expanded"})
+    assert response.status_code == 400
+    assert response.json() == {"level": ["This endpoint has no levels."]}
+    assert api.get(f"/api/projects/{todo.project_id}/").status_code == 200
+
+
 def test_unknown_level_is_a_400_listing_the_valid_ones(api: APIClient, todo: Todo) -> None:
     response = api.get(f"/api/todos/{todo.pk}/", {"level": "full"})
     assert response.status_code == 400

@@ -91,7 +91,7 @@ class Levels:
 
     def parse(self, raw: str | None) -> str | None:
         """The level a ``?level=`` value names; raises :class:`UnknownLevel`."""
-        if raw is None or raw == "":
+        if raw is None or raw in _RESERVED:
             return None
         if raw not in self._serializers:
             raise UnknownLevel(raw, self)

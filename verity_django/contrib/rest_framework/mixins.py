@@ -51,6 +51,8 @@ class LevelsMixin(GenericAPIView[Any]):
     def get_level(self) -> str | None:
         """The requested level (None is the default); an unknown one is a 400."""
         if self.levels is None:
+            if self.request.query_params.get(self.level_param):
+                raise ValidationError({self.level_param: ["This endpoint has no levels."]})
             return None
         try:
             return self.levels.parse(self.request.query_params.get(self.level_param))
@@ -58,8 +60,10 @@ class LevelsMixin(GenericAPIView[Any]):
             raise ValidationError({self.level_param: [str(exc)]}) from exc
 
     def get_serializer_class(self) -> type[BaseSerializer[Any]]:
-        if self.levels is not None and getattr(self, "action", None) in _LEVEL_ACTIONS:
-            return self.levels.serializer_class(self.get_level())
+        if getattr(self, "action", None) in _LEVEL_ACTIONS:
+            level = self.get_level()
+            if self.levels is not None:
+                return self.levels.serializer_class(level)
         return super().get_serializer_class()
 
 
