@@ -4,7 +4,8 @@ response, and publish the push copy when the response is ready.
 DRF responses are edited in ``process_template_response``, which Django
 calls after the view (and an ``ATOMIC_REQUESTS`` commit) but before the
 response is rendered, so ``response.data`` simply gains a key. Other JSON
-responses are rewritten on the way out.
+responses are rewritten on the way out. Only 2xx responses are touched, and
+DRF's ``ReturnDict`` stays one, with the serializer its renderers read.
 """
 
 from __future__ import annotations
