@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import fanout, http_bench, inproc
+from bench import fanout, http_bench, inproc, result_bench
 from bench.report import Result, table, write
 
 
@@ -40,6 +40,10 @@ def _http_sizes(quick: bool) -> http_bench.Sizes:
     if quick:
         return http_bench.Sizes(repetitions=5, requests=30, warmup=20, listener=LISTENER)
     return http_bench.Sizes(repetitions=9, requests=150, warmup=50, listener=LISTENER)
+
+
+def _r1(quick: bool) -> list[Result]:
+    return [result_bench.run_result(_http_sizes(quick))]
 
 
 def _w3(quick: bool) -> list[Result]:
@@ -82,6 +86,7 @@ BENCHMARKS = [
     Benchmark("F1", _f1),  # also M1
     Benchmark("F2", _f2),
     Benchmark("F3", _f3),
+    Benchmark("R1", _r1),
 ]
 
 
@@ -96,7 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
     parser.add_argument(
-        "--only", default="", help="comma-separated ids to run (W1,W2,W3,W4,F1,F2,F3; M1 is F1)"
+        "--only", default="", help="comma-separated ids to run (W1,W2,W3,W4,F1,F2,F3,R1; M1 is F1)"
     )
     parser.add_argument(
         "--no-listener",

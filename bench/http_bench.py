@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +53,19 @@ class Side:
 
 
 @contextlib.contextmanager
-def two_servers(*, redis: bool, todos: int, listener: bool) -> Iterator[tuple[Side, Side]]:
+def two_servers(
+    *,
+    redis: bool,
+    todos: int,
+    listener: bool,
+    envs: tuple[Mapping[str, str], Mapping[str, str]] = (
+        {"VERITY_ENABLED": "0"},
+        {"VERITY_ENABLED": "1"},
+    ),
+) -> Iterator[tuple[Side, Side]]:
     """Baseline (verity disabled) and verity servers, logged in.
+
+    ``envs`` sets each side's environment (R1 runs verity on both sides).
 
     Each has a database (and Redis) of its own: a server delivers every
     envelope stored in its database or published on its Redis, whichever
@@ -63,9 +74,9 @@ def two_servers(*, redis: bool, todos: int, listener: bool) -> Iterator[tuple[Si
     """
     with contextlib.ExitStack() as stack:
         sides: list[Side] = []
-        for name, enabled in (("baseline", "0"), ("verity", "1")):
+        for name, side_env in zip(("baseline", "verity"), envs, strict=True):
             db = stack.enter_context(sqlite_database(todos=todos))
-            env = {"VERITY_SQLITE_PATH": str(db), "VERITY_ENABLED": enabled}
+            env = {"VERITY_SQLITE_PATH": str(db), **side_env}
             if redis:
                 env["VERITY_REDIS"] = stack.enter_context(RedisServer()).address
             server = BenchAsgiServer(env=env)

@@ -1,3 +1,4 @@
+from django.apps import apps
 from django.urls import include, path
 from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.generic import TemplateView
@@ -19,3 +20,8 @@ urlpatterns = [
     path("api/events/", events),
     path("api/", include(router.urls)),
 ]
+
+if apps.is_installed("drf_spectacular"):
+    from drf_spectacular.views import SpectacularAPIView
+
+    urlpatterns.append(path("api/schema/", SpectacularAPIView.as_view(), name="schema"))

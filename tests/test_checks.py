@@ -35,7 +35,9 @@ def test_project_settings_pass() -> None:
         ({"MAX_AUDIENCES_PER_CONNECTION": True}, "verity_django.E003"),
         ({"AUTHORIZE": "nowhere.module.func"}, "verity_django.E004"),
         ({"COLLAPSE_THRESHOLD": 0}, "verity_django.E005"),
-        ({"POLL_INTERVAL": 30}, "verity_django.E005"),
+        ({"POLL_INTERVAL": 30}, "verity_django.E006"),
+        ({"POLL_INTERVAL": True}, "verity_django.E003"),
+        ({"AUTHORIZE": 3}, "verity_django.E003"),
     ],
 )
 def test_bad_settings(verity: Any, error_id: str) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from verity_django import directives as d
 
@@ -133,3 +135,64 @@ def test_params_identity_tells_json_types_apart() -> None:
     assert len(ids) == 5
     nested = d.refresh_collection("t", {"a": [1, {"b": 2}]})
     assert nested.identity == d.refresh_collection("t", {"a": [1, {"b": 2}]}).identity
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.sampled_from([0.0, 1.0, -1.0, 2.5]),
+    st.sampled_from(["", "a", "1", "true"]),
+)
+_params = st.none() | st.dictionaries(st.sampled_from(["a", "b"]), _scalars, max_size=2)
+_collections = st.builds(
+    d.refresh_collection,
+    st.sampled_from(["x", "y"]),
+    _params,
+    params_mode=st.sampled_from(["exact", "contains"]),
+    result=st.none() | st.dictionaries(st.sampled_from(["ids", "count"]), _scalars, max_size=2),
+    idempotency_key=st.none() | st.sampled_from(["k1", "k2"]),
+)
+_items = st.builds(
+    d.refresh_item,
+    st.sampled_from(["x", "y"]),
+    st.one_of(st.integers(1, 3), st.sampled_from(["1", "2"])),
+    level=st.none() | st.sampled_from(["expanded"]),
+)
+_directives = st.one_of(_collections, _items)
+
+
+@given(_directives, _directives)
+def test_equal_directives_hash_equal(a: d.Directive, b: d.Directive) -> None:
+    if a == b:
+        assert hash(a) == hash(b)
+        assert a.to_dict() == b.to_dict()
+
+
+@given(_directives)
+def test_a_directive_equals_its_own_round_trip(a: d.Directive) -> None:
+    again = d.Directive.from_dict(a.to_dict())
+    assert again == a
+    assert hash(again) == hash(a)
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [({"a": 1}, {"a": True}), ({"a": 1}, {"a": 1.0}), ({"a": 0}, {"a": False})],
+)
+def test_json_distinct_params_are_distinct_directives(
+    left: dict[str, Any], right: dict[str, Any]
+) -> None:
+    a, b = d.refresh_collection("x", left), d.refresh_collection("x", right)
+    assert a != b
+    assert len({a, b}) == 2
+
+
+def test_json_distinct_results_are_distinct_directives() -> None:
+    assert d.refresh_item("x", 1, result={"n": 1}) != d.refresh_item("x", 1, result={"n": True})
+
+
+def test_trusted_builds_what_validation_builds() -> None:
+    trusted = d.Directive.trusted(op="refresh_item", name="todo", id=3)
+    assert trusted == d.refresh_item("todo", 3)
+    assert trusted.to_dict() == {"op": "refresh_item", "name": "todo", "id": 3}

@@ -91,7 +91,7 @@ json_like = st.recursive(
 
 FIELDS = sorted(
     {"op", "name", "id", "params", "params_mode", "level", "targets", "hard", "result"}
-    | set(d.METADATA_FIELDS)
+    | set(d.RIDE_ALONG_FIELDS)
 )
 field_values = st.one_of(
     json_like,

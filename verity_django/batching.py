@@ -3,9 +3,9 @@ hand each finished batch on once its changes are committed.
 
 A change registers its directives with ``transaction.on_commit``, so Django
 itself drops what a rolled-back transaction or savepoint added. Committed
-directives land in the current *scope*: the request's batch (opened by the
+directives land in the *current batch*: the request's (opened by the
 middleware), an explicit ``with batch():``, or, outside both, one implicit
-batch per outermost transaction. A scope publishes when it closes.
+batch per outermost transaction. A batch publishes when it closes.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from verity_django import directives as d
+from verity_django import internals
 from verity_django.audiences import GLOBAL, validate_audience
 from verity_django.conf import conf
 from verity_django.rules import Routed
 
 logger = logging.getLogger(__name__)
 
-_scope: ContextVar[Batch | None] = ContextVar("verity_batch", default=None)
+_current: ContextVar[Batch | None] = ContextVar("verity_batch", default=None)
 _disabled: ContextVar[bool] = ContextVar("verity_disabled", default=False)
 
 
@@ -183,7 +184,18 @@ def _is_subsumed(x: d.Directive, whole: set[str | None]) -> bool:
 
 
 def current() -> Batch | None:
-    return _scope.get()
+    return _current.get()
+
+
+@contextmanager
+def activate(opened: Batch) -> Iterator[Batch]:
+    """Make ``opened`` the current batch inside the block (the middleware's
+    per-request batch); closing it is the caller's call."""
+    token = _current.set(opened)
+    try:
+        yield opened
+    finally:
+        _current.reset(token)
 
 
 @contextmanager
@@ -192,17 +204,16 @@ def batch(*, source: str | None = None) -> Iterator[Batch]:
 
     Nested blocks join the outermost one.
     """
-    outer = _scope.get()
+    outer = _current.get()
     if outer is not None:
         yield outer
         return
-    scope = Batch(source=source)
-    token = _scope.set(scope)
+    opened = Batch(source=source)
     try:
-        yield scope
+        with activate(opened):
+            yield opened
     finally:
-        _scope.reset(token)
-        scope.close()
+        opened.close()
 
 
 @contextmanager
@@ -240,15 +251,17 @@ def collect(routed: list[Routed], *, using: str | None = None) -> None:
     """Add directives of a change; they count once the change is committed."""
     if not routed:
         return
-    scope = _scope.get()
+    batch = _current.get()
     connection = connections[using or DEFAULT_DB_ALIAS]
-    if not _in_transaction(connection):
-        _deliver_to(scope, routed)
+    if not internals.commit_is_ahead(connection):
+        _add_committed(batch, routed)
         return
-    target = scope if scope is not None else _transaction_batch(connection)
-    _open_part(connection, target).routed.extend(routed)
-    if scope is None:
+    if batch is None:
+        batch = _transaction_batch(connection)
+        _open_part(connection, batch).routed.extend(routed)
         _keep_flush_last(connection)
+        return
+    _open_part(connection, batch).routed.extend(routed)
 
 
 class _Part:
@@ -259,32 +272,32 @@ class _Part:
     level can share one callback: they commit or roll back together.
     """
 
-    __slots__ = ("routed", "savepoints", "target")
+    __slots__ = ("batch", "routed", "savepoints")
 
-    def __init__(self, target: Batch, savepoints: tuple[str, ...]) -> None:
-        self.target = target
+    def __init__(self, batch: Batch, savepoints: tuple[str, ...]) -> None:
+        self.batch = batch
         self.savepoints = savepoints
         self.routed: list[Routed] = []
 
     def __call__(self) -> None:
-        _deliver_to(self.target, self.routed)
+        _add_committed(self.batch, self.routed)
 
 
 _PART_ATTR = "_verity_open_part"
 
 
-def _open_part(connection: Any, target: Batch) -> _Part:
-    savepoints = tuple(connection.savepoint_ids)
+def _open_part(connection: Any, batch: Batch) -> _Part:
+    savepoints = internals.open_savepoints(connection)
     part: _Part | None = getattr(connection, _PART_ATTR, None)
     if (
         part is not None
-        and part.target is target
+        and part.batch is batch
         and part.savepoints == savepoints
         # Still registered: a rollback of its savepoint or transaction drops it.
-        and any(entry[1] is part for entry in connection.run_on_commit[-2:])
+        and internals.is_registered(connection, part, among_last=2)
     ):
         return part
-    part = _Part(target, savepoints)
+    part = _Part(batch, savepoints)
     setattr(connection, _PART_ATTR, part)
     connection.on_commit(part)
     return part
@@ -301,32 +314,18 @@ def _stamp(directive: d.Directive, source: str | None) -> d.Directive:
     return directive.with_metadata(**changes) if changes else directive
 
 
-def _deliver_to(scope: Batch | None, routed: list[Routed]) -> None:
-    if scope is not None and not scope.closed:
-        scope.add(routed)
+def _add_committed(batch: Batch | None, routed: list[Routed]) -> None:
+    """Committed directives join the open batch, or go out as a batch of their
+    own (after the batch they belonged to has already published)."""
+    if batch is not None and not batch.closed:
+        batch.add(routed)
         return
-    single = Batch(source=scope.source if scope is not None else None)
-    single.add(routed)
-    single.close()
+    alone = Batch(source=batch.source if batch is not None else None)
+    alone.add(routed)
+    alone.close()
 
 
-def _in_transaction(connection: Any) -> bool:
-    """Whether a commit is still to come for changes made now.
-
-    A TestCase's own atomic blocks never commit, so inside a test a change
-    counts as committed unless a block of the code under test can still roll
-    it back on its own: blocks opened with ``savepoint=False`` (model
-    deletes, ``bulk_create``) commit or fail with their enclosing block.
-    """
-    if not connection.in_atomic_block:
-        return False
-    blocks = connection.atomic_blocks
-    if not any(getattr(a, "_from_testcase", False) for a in blocks):
-        return True
-    return any(a.savepoint for a in blocks if not getattr(a, "_from_testcase", False))
-
-
-# An implicit batch collects one outermost transaction outside any scope. Its
+# An implicit batch collects one outermost transaction outside any batch. Its
 # flush callback is registered with no savepoint ids, so a savepoint rollback
 # never discards it (Django drops only callbacks tagged with that savepoint),
 # and it is kept after every directive callback so that it runs last.
@@ -335,29 +334,23 @@ _FLUSH_ATTR = "_verity_transaction_batch"
 
 def _transaction_batch(connection: Any) -> Batch:
     state = getattr(connection, _FLUSH_ATTR, None)
-    if state is not None and any(entry[1] is state[1] for entry in connection.run_on_commit):
+    if state is not None and internals.is_registered(connection, state[1]):
         return state[0]  # type: ignore[no-any-return]
-    scope = Batch()
-    flush = partial(_flush_transaction_batch, connection, scope)
-    setattr(connection, _FLUSH_ATTR, (scope, flush))
-    connection.run_on_commit.append((set(), flush, False))
-    return scope
+    implicit = Batch()
+    flush = partial(_flush_transaction_batch, connection, implicit)
+    setattr(connection, _FLUSH_ATTR, (implicit, flush))
+    internals.register_unscoped(connection, flush)
+    return implicit
 
 
 def _keep_flush_last(connection: Any) -> None:
     state = getattr(connection, _FLUSH_ATTR, None)
-    if state is None:
-        return
-    hooks = connection.run_on_commit
-    for index, entry in enumerate(hooks):
-        if entry[1] is state[1]:
-            if index != len(hooks) - 1:
-                hooks.append(hooks.pop(index))
-            return
+    if state is not None:
+        internals.move_to_end(connection, state[1])
 
 
-def _flush_transaction_batch(connection: Any, scope: Batch) -> None:
+def _flush_transaction_batch(connection: Any, implicit: Batch) -> None:
     state = getattr(connection, _FLUSH_ATTR, None)
-    if state is not None and state[0] is scope:
+    if state is not None and state[0] is implicit:
         setattr(connection, _FLUSH_ATTR, None)
-    scope.close()
+    implicit.close()

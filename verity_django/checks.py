@@ -9,30 +9,10 @@ from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
 
-from verity_django.conf import DEFAULTS
+from verity_django.conf import Setting, declared
 
 _STORAGES = ("verity_django.storage.DatabaseStorage", "verity_django.storage.RedisStorage")
 _MIDDLEWARE = "verity_django.middleware.DirectiveMiddleware"
-
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "ENABLED": bool,
-    "PUSH": bool,
-    "ALWAYS_INCLUDE_IN_RESPONSES": bool,
-    "INJECT_DRF_RESPONSES": bool,
-    "CLIENT_ID_HEADERS": (list, tuple),
-    "COLLAPSE_THRESHOLD": int,
-    "RESULT_MAX_BYTES": int,
-    "CHANNEL_PREFIX": str,
-    "AUTHORIZE": (str,),
-    "USER_AUDIENCES": (str,),
-    "GLOBAL_REQUIRES_AUTHENTICATION": bool,
-    "AUTO_SUBSCRIBE_USER_AUDIENCES": bool,
-    "MAX_AUDIENCES_PER_CONNECTION": int,
-    "AUDIENCE_PARAM": str,
-    "CLIENT_ID_PARAM": str,
-    "POLL_INTERVAL": (int, float),
-    "EVENT_RETENTION": int,
-}
 
 
 def register_checks() -> None:
@@ -44,58 +24,27 @@ def register_checks() -> None:
 
 def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
     errors: list[checks.CheckMessage] = []
-    user = getattr(settings, "VERITY", {})
-    if not isinstance(user, dict):
-        return [checks.Error("settings.VERITY must be a dict.", id="verity_django.E001")]
-    for key, value in user.items():
-        if key not in DEFAULTS:
+    project = getattr(settings, "VERITY", {})
+    if not isinstance(project, dict):
+        return [
+            checks.Error(
+                f"settings.VERITY should be a dict, not {type(project).__name__}.",
+                id="verity_django.E001",
+            )
+        ]
+    known = declared()
+    for key, value in project.items():
+        setting = known.get(key)
+        if setting is None:
             errors.append(
                 checks.Error(
                     f"settings.VERITY has an unknown key {key!r}.",
-                    hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+                    hint=f"Known keys: {', '.join(known)}.",
                     id="verity_django.E002",
                 )
             )
             continue
-        expected = _TYPES[key]
-        if callable(value) and key in ("AUTHORIZE", "USER_AUDIENCES"):
-            continue
-        bad_type = isinstance(value, bool) and expected in (int, (int, float))
-        if bad_type or not isinstance(value, expected):
-            errors.append(
-                checks.Error(
-                    f"settings.VERITY[{key!r}] has the wrong type: {type(value).__name__}.",
-                    id="verity_django.E003",
-                )
-            )
-            continue
-        if key in ("AUTHORIZE", "USER_AUDIENCES") and isinstance(value, str):
-            try:
-                import_string(value)
-            except ImportError as exc:
-                errors.append(
-                    checks.Error(
-                        f"settings.VERITY[{key!r}] cannot be imported: {exc}.",
-                        id="verity_django.E004",
-                    )
-                )
-        if (
-            key in ("COLLAPSE_THRESHOLD", "RESULT_MAX_BYTES", "MAX_AUDIENCES_PER_CONNECTION")
-            and value < 1
-        ):
-            errors.append(
-                checks.Error(
-                    f"settings.VERITY[{key!r}] must be at least 1.", id="verity_django.E005"
-                )
-            )
-        if key == "POLL_INTERVAL" and not 0 < value <= 5:
-            errors.append(
-                checks.Error(
-                    "settings.VERITY['POLL_INTERVAL'] must be between 0 and 5 seconds, so that "
-                    "envelopes from other processes arrive within a second or so.",
-                    id="verity_django.E005",
-                )
-            )
+        errors.extend(_check_value(setting, value))
     errors.extend(_check_eventstream())
     middleware: Sequence[str] = getattr(settings, "MIDDLEWARE", ()) or ()
     if _MIDDLEWARE not in middleware:
@@ -107,6 +56,38 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
             )
         )
     return errors
+
+
+def _check_value(setting: Setting[Any], value: Any) -> list[checks.CheckMessage]:
+    where = f"settings.VERITY[{setting.name!r}]"
+    if not setting.accepts_type(value):
+        return [
+            checks.Error(
+                f"{where} should be {setting.expected}, not {type(value).__name__}.",
+                hint=setting.doc,
+                id="verity_django.E003",
+            )
+        ]
+    if setting.importable and isinstance(value, str):
+        try:
+            import_string(value)
+        except ImportError as exc:
+            return [
+                checks.Error(
+                    f"{where} should be an importable dotted path: {exc}.",
+                    id="verity_django.E004",
+                )
+            ]
+    condition = setting.condition
+    if condition is not None and not condition.holds(value):
+        return [
+            checks.Error(
+                f"{where} should be {condition.expected}, not {value!r}.",
+                hint=setting.doc,
+                id=condition.id,
+            )
+        ]
+    return []
 
 
 def _check_eventstream() -> list[checks.CheckMessage]:

@@ -1,122 +1,203 @@
-"""Typed settings, read from ``settings.VERITY`` on every access.
+"""verity_django's settings: one declaration each, read live from ``settings.VERITY``.
 
-Reading on access (not at import) keeps ``override_settings`` working.
+Each setting is a :class:`Setting` on :class:`Settings`: its default, the
+types it accepts, its doc, and any extra condition with its own check ID.
+``conf.NAME`` reads the project's value on every access (``override_settings``
+works), and :mod:`verity_django.checks` validates the same declarations, so
+what the checks accept is exactly what the code reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, overload
 
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-DEFAULTS: dict[str, Any] = {
-    "ENABLED": True,
-    "PUSH": True,
-    "ALWAYS_INCLUDE_IN_RESPONSES": False,
-    "INJECT_DRF_RESPONSES": True,
-    "CLIENT_ID_HEADERS": ("X-Verity-Client-ID", "X-Client-ID"),
-    "COLLAPSE_THRESHOLD": 100,
-    "RESULT_MAX_BYTES": 16 * 1024,
-    "CHANNEL_PREFIX": "verity.",
-    "AUTHORIZE": "verity_django.audiences.default_authorize",
-    "USER_AUDIENCES": "verity_django.audiences.default_user_audiences",
-    "GLOBAL_REQUIRES_AUTHENTICATION": False,
-    "AUTO_SUBSCRIBE_USER_AUDIENCES": False,
-    "MAX_AUDIENCES_PER_CONNECTION": 10,
-    "AUDIENCE_PARAM": "audience",
-    "CLIENT_ID_PARAM": "client_id",
-    "POLL_INTERVAL": 0.25,
-    "EVENT_RETENTION": 24 * 60 * 60,
-}
+T = TypeVar("T")
 
 
-class Settings:
-    def _get(self, name: str) -> Any:
-        user = getattr(settings, "VERITY", {})
-        if name in user:
-            return user[name]
-        return DEFAULTS[name]
+@dataclass(frozen=True)
+class Condition:
+    """A constraint beyond the type, reported as its own check ID."""
 
-    @property
-    def ENABLED(self) -> bool:
-        """Master switch: when False no directive is produced at all."""
-        return bool(self._get("ENABLED"))
-
-    @property
-    def PUSH(self) -> bool:
-        """Publish envelopes over Server-Sent Events after commit."""
-        return bool(self._get("PUSH"))
-
-    @property
-    def ALWAYS_INCLUDE_IN_RESPONSES(self) -> bool:
-        """Inject directives even when the request did not ask for them."""
-        return bool(self._get("ALWAYS_INCLUDE_IN_RESPONSES"))
-
-    @property
-    def INJECT_DRF_RESPONSES(self) -> bool:
-        """Inject into every DRF response; False limits it to DirectivesMixin views."""
-        return bool(self._get("INJECT_DRF_RESPONSES"))
-
-    @property
-    def CLIENT_ID_HEADERS(self) -> Sequence[str]:
-        return cast(Sequence[str], self._get("CLIENT_ID_HEADERS"))
-
-    @property
-    def COLLAPSE_THRESHOLD(self) -> int:
-        """Past this many refresh_item of one name in a batch, refresh collections instead."""
-        return cast(int, self._get("COLLAPSE_THRESHOLD"))
-
-    @property
-    def RESULT_MAX_BYTES(self) -> int:
-        return cast(int, self._get("RESULT_MAX_BYTES"))
-
-    @property
-    def CHANNEL_PREFIX(self) -> str:
-        return cast(str, self._get("CHANNEL_PREFIX"))
-
-    @property
-    def AUTHORIZE(self) -> Callable[[Any, str], bool]:
-        return cast(Callable[[Any, str], bool], _resolve(self._get("AUTHORIZE")))
-
-    @property
-    def USER_AUDIENCES(self) -> Callable[[Any], list[str]]:
-        return cast(Callable[[Any], list[str]], _resolve(self._get("USER_AUDIENCES")))
-
-    @property
-    def GLOBAL_REQUIRES_AUTHENTICATION(self) -> bool:
-        return bool(self._get("GLOBAL_REQUIRES_AUTHENTICATION"))
-
-    @property
-    def AUTO_SUBSCRIBE_USER_AUDIENCES(self) -> bool:
-        return bool(self._get("AUTO_SUBSCRIBE_USER_AUDIENCES"))
-
-    @property
-    def MAX_AUDIENCES_PER_CONNECTION(self) -> int:
-        return cast(int, self._get("MAX_AUDIENCES_PER_CONNECTION"))
-
-    @property
-    def AUDIENCE_PARAM(self) -> str:
-        return cast(str, self._get("AUDIENCE_PARAM"))
-
-    @property
-    def CLIENT_ID_PARAM(self) -> str:
-        return cast(str, self._get("CLIENT_ID_PARAM"))
-
-    @property
-    def POLL_INTERVAL(self) -> float:
-        """Seconds between checks for events stored by other processes."""
-        return float(self._get("POLL_INTERVAL"))
-
-    @property
-    def EVENT_RETENTION(self) -> int:
-        """Seconds a published envelope stays replayable in database storage."""
-        return cast(int, self._get("EVENT_RETENTION"))
+    holds: Callable[[Any], bool]
+    expected: str
+    id: str
 
 
-def _resolve(value: Any) -> Any:
+def _same(value: Any) -> Any:
+    return value
+
+
+def _imported(value: Any) -> Any:
     return import_string(value) if isinstance(value, str) else value
 
 
+class Setting(Generic[T]):
+    """One key of ``settings.VERITY``."""
+
+    def __init__(
+        self,
+        default: Any,
+        types: type | tuple[type, ...],
+        doc: str,
+        *,
+        expected: str,
+        condition: Condition | None = None,
+        cast: Callable[[Any], T] = _same,
+        importable: bool = False,
+    ) -> None:
+        self.default = default
+        self.types = types if isinstance(types, tuple) else (types,)
+        self.doc = doc
+        self.expected = expected
+        self.condition = condition
+        self.cast = cast
+        # An import string (checked for importability) or the object itself.
+        self.importable = importable
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> Setting[T]: ...
+
+    @overload
+    def __get__(self, instance: Settings, owner: type) -> T: ...
+
+    def __get__(self, instance: Settings | None, owner: type) -> T | Setting[T]:
+        if instance is None:
+            return self
+        project = getattr(settings, "VERITY", None)
+        if isinstance(project, dict) and self.name in project:
+            return self.cast(project[self.name])
+        return self.cast(self.default)
+
+    def accepts_type(self, value: Any) -> bool:
+        if self.importable and (isinstance(value, str) or callable(value)):
+            return True
+        # bool is an int to Python, never to a setting that counts something.
+        if isinstance(value, bool) and bool not in self.types:
+            return False
+        return isinstance(value, self.types)
+
+
+def _at_least_one(value: Any) -> bool:
+    return bool(value >= 1)
+
+
+AT_LEAST_ONE = Condition(_at_least_one, "at least 1", "verity_django.E005")
+
+
+class Settings:
+    ENABLED = Setting[bool](
+        True, bool, "Master switch: when False no directive is produced.", expected="a bool"
+    )
+    PUSH = Setting[bool](
+        True, bool, "Publish envelopes over Server-Sent Events after commit.", expected="a bool"
+    )
+    ALWAYS_INCLUDE_IN_RESPONSES = Setting[bool](
+        False,
+        bool,
+        "Inject directives into responses even when the request did not ask for them.",
+        expected="a bool",
+    )
+    INJECT_DRF_RESPONSES = Setting[bool](
+        True,
+        bool,
+        "Inject into every DRF response; False limits injection to DirectivesMixin views.",
+        expected="a bool",
+    )
+    CLIENT_ID_HEADERS = Setting[Sequence[str]](
+        ("X-Verity-Client-ID", "X-Client-ID"),
+        (list, tuple),
+        "Request headers that name the client id, which becomes the directives' source.",
+        expected="a list or tuple of header names",
+    )
+    COLLAPSE_THRESHOLD = Setting[int](
+        100,
+        int,
+        "Past this many refresh_item of one name in a batch, refresh collections instead.",
+        expected="an int",
+        condition=AT_LEAST_ONE,
+    )
+    RESULT_MAX_BYTES = Setting[int](
+        16 * 1024,
+        int,
+        "A larger result payload is dropped (and logged): the client refetches instead.",
+        expected="an int",
+        condition=AT_LEAST_ONE,
+    )
+    CHANNEL_PREFIX = Setting[str](
+        "verity.",
+        str,
+        "django-eventstream channel name = this prefix + the audience.",
+        expected="a str",
+    )
+    AUTHORIZE = Setting[Callable[[Any, str], bool]](
+        "verity_django.audiences.default_authorize",
+        (),
+        "(user, audience) -> bool: who may read an audience.",
+        expected="an import string or a callable",
+        cast=_imported,
+        importable=True,
+    )
+    USER_AUDIENCES = Setting[Callable[[Any], list[str]]](
+        "verity_django.audiences.default_user_audiences",
+        (),
+        "user -> [audience]: the user's own audiences (AUTO_SUBSCRIBE_USER_AUDIENCES).",
+        expected="an import string or a callable",
+        cast=_imported,
+        importable=True,
+    )
+    GLOBAL_REQUIRES_AUTHENTICATION = Setting[bool](
+        False, bool, "Anonymous users may not read the global audience.", expected="a bool"
+    )
+    AUTO_SUBSCRIBE_USER_AUDIENCES = Setting[bool](
+        False, bool, "Add the user's own audiences to every SSE connection.", expected="a bool"
+    )
+    MAX_AUDIENCES_PER_CONNECTION = Setting[int](
+        10,
+        int,
+        "A connection asking for more audiences gets a 400.",
+        expected="an int",
+        condition=AT_LEAST_ONE,
+    )
+    AUDIENCE_PARAM = Setting[str](
+        "audience", str, "Query parameter naming an audience.", expected="a str"
+    )
+    CLIENT_ID_PARAM = Setting[str](
+        "client_id", str, "Query parameter naming the client id.", expected="a str"
+    )
+    POLL_INTERVAL = Setting[float](
+        0.25,
+        (int, float),
+        "Seconds between checks for envelopes stored by other processes.",
+        expected="a number of seconds",
+        cast=float,
+        # Envelopes from other processes should arrive within a second or so.
+        condition=Condition(
+            lambda value: 0 < value <= 5, "between 0 (excluded) and 5", "verity_django.E006"
+        ),
+    )
+    EVENT_RETENTION = Setting[int](
+        24 * 60 * 60,
+        int,
+        "Seconds a published envelope stays replayable.",
+        expected="an int",
+        condition=AT_LEAST_ONE,
+    )
+
+
+def declared() -> dict[str, Setting[Any]]:
+    """Every setting, by name, in declaration order."""
+    return {name: value for name, value in vars(Settings).items() if isinstance(value, Setting)}
+
+
 conf = Settings()
+
+__all__ = ["Condition", "Setting", "Settings", "conf", "declared"]

@@ -14,7 +14,8 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING as MISSING_DEFAULT
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, cast
 
 Op = Literal["refresh_collection", "refresh_item", "invalidate", "force_reload_page"]
@@ -27,13 +28,15 @@ _FIELDS_BY_OP: dict[str, frozenset[str]] = {
     "invalidate": frozenset({"targets"}),
     "force_reload_page": frozenset({"hard"}),
 }
-METADATA_FIELDS = frozenset({"idempotency_key", "timestamp", "audience", "source", "seq", "result"})
+METADATA_FIELDS = frozenset({"idempotency_key", "timestamp", "audience", "source", "seq"})
+# Fields that ride along without changing what a directive means: metadata,
+# and ``result`` (the changed object's data, which spares a refetch).
+RIDE_ALONG_FIELDS = METADATA_FIELDS | {"result"}
 _MAX_TEXT = 200
 _MAX_DEPTH = 4
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 JSON_SEPARATORS = (",", ":")
-_METADATA_ATTRS = frozenset({"idempotency_key", "timestamp", "audience", "source", "seq", "result"})
 
 
 class InvalidDirective(ValueError):
@@ -104,19 +107,27 @@ class Directive:
         """What the directive means, without metadata or ``result``."""
         return self._identity
 
+    def _compared(self) -> tuple[Any, ...]:
+        # JSON tells 1, 1.0 and true apart where Python's == does not, so
+        # result is compared as its canonical JSON, as identity does params.
+        result = None if self.result is None else _canonical_json(self.result)
+        metadata = tuple(getattr(self, name) for name in sorted(METADATA_FIELDS))
+        return (self._identity, result, metadata)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Directive):
             return NotImplemented
-        return self.to_dict() == other.to_dict()
+        return self._compared() == other._compared()
 
     def __hash__(self) -> int:
+        # Equal directives have equal identities, so this keeps the contract.
         return hash(self._identity)
 
     def with_metadata(self, **changes: Any) -> Directive:
         """A copy with other metadata. What the directive means is unchanged,
         so only metadata is validated again (this runs for every directive
         of every change)."""
-        if not set(changes) <= _METADATA_ATTRS:
+        if not set(changes) <= RIDE_ALONG_FIELDS:
             return replace(self, **changes)
         copy = object.__new__(Directive)
         copy.__dict__.update(self.__dict__)
@@ -158,7 +169,7 @@ class Directive:
         op = data.get("op")
         if op not in OPS:
             raise InvalidDirective(f"'op' must be one of {', '.join(OPS)}; got {op!r}")
-        allowed = _FIELDS_BY_OP[op] | METADATA_FIELDS | {"op"}
+        allowed = _FIELDS_BY_OP[op] | RIDE_ALONG_FIELDS | {"op"}
         unknown = sorted(str(k) for k in data if k not in allowed)
         if unknown:
             raise InvalidDirective(f"{op}: unknown field(s) {', '.join(map(repr, unknown))}")
@@ -179,20 +190,10 @@ class Directive:
         return cls(op=cast(Op, op), **kwargs)
 
 
+# Every init field's default, for trusted(): derived, so a new field cannot
+# be forgotten there.
 _DEFAULTS: dict[str, Any] = {
-    "name": None,
-    "id": None,
-    "params": None,
-    "params_mode": "exact",
-    "level": None,
-    "targets": (),
-    "hard": False,
-    "result": None,
-    "idempotency_key": None,
-    "timestamp": None,
-    "audience": None,
-    "source": None,
-    "seq": None,
+    f.name: f.default for f in fields(Directive) if f.init and f.default is not MISSING_DEFAULT
 }
 
 
@@ -382,6 +383,10 @@ def _params_identity(params: Mapping[str, Any]) -> Any:
     if all(type(v) in _SCALARS for v in params.values()):
         return tuple(sorted((k, type(v), v) for k, v in params.items()))
     return dumps(_sorted(params))
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=JSON_SEPARATORS, default=repr)
 
 
 def _sorted(value: Any) -> Any:

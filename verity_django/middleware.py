@@ -4,7 +4,8 @@ response, and publish the push copy when the response is ready.
 DRF responses are edited in ``process_template_response``, which Django
 calls after the view (and an ``ATOMIC_REQUESTS`` commit) but before the
 response is rendered, so ``response.data`` simply gains a key. Other JSON
-responses are rewritten on the way out.
+responses are rewritten on the way out. Only 2xx responses are touched, and
+DRF's ``ReturnDict`` stays one, with the serializer its renderers read.
 """
 
 from __future__ import annotations
@@ -41,32 +42,30 @@ class DirectiveMiddleware:
             return self.__acall__(request)
         if not conf.ENABLED:
             return self.get_response(request)
-        scope = batching.Batch(source=pull.client_id(request))
-        token = batching._scope.set(scope)
-        request.verity_batch = scope  # type: ignore[attr-defined]
+        opened = batching.Batch(source=pull.client_id(request))
+        request.verity_batch = opened  # type: ignore[attr-defined]
         try:
-            response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
-            self._inject_json(request, response)
+            with batching.activate(opened):
+                response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
+                self._inject_json(request, response)
         finally:
-            batching._scope.reset(token)
-            scope.close()
+            opened.close()
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         if not conf.ENABLED:
             return await self.get_response(request)  # type: ignore[no-any-return,misc]
-        scope = batching.Batch(source=pull.client_id(request))
-        token = batching._scope.set(scope)
-        request.verity_batch = scope  # type: ignore[attr-defined]
+        opened = batching.Batch(source=pull.client_id(request))
+        request.verity_batch = opened  # type: ignore[attr-defined]
         try:
-            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
-            self._inject_json(request, response)
+            with batching.activate(opened):
+                response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+                self._inject_json(request, response)
         finally:
-            batching._scope.reset(token)
-            if scope and not scope.closed:
-                await sync_to_async(scope.close)()
+            if opened and not opened.closed:
+                await sync_to_async(opened.close)()
             else:
-                scope.closed = True
+                opened.closed = True
         return response
 
     def process_template_response(self, request: HttpRequest, response: Any) -> Any:
@@ -76,25 +75,31 @@ class DirectiveMiddleware:
         # The view has returned and its transaction committed. Django runs
         # this hook in a worker thread already, so publishing here spares the
         # async path one more thread hop; later changes publish on their own.
-        scope = getattr(request, "verity_batch", None)
-        if isinstance(scope, batching.Batch):
-            scope.close()
+        opened = getattr(request, "verity_batch", None)
+        if isinstance(opened, batching.Batch):
+            opened.close()
         return response
 
     @staticmethod
     def _inject_drf(request: HttpRequest, response: Any) -> None:
-        if not hasattr(response, "data"):
+        if not hasattr(response, "data") or not _is_success(response):
             return
         if not (conf.INJECT_DRF_RESPONSES or getattr(response, "verity_inject", False)):
             return
         if not pull.wants_directives(request):
             return
-        items = pull.directives_for(request)
         if response.data is None and response.status_code == 204:
+            items = pull.directives_for(request)
+            if not items:
+                return
             response.status_code = 200
             response.data = {"directives": items}
         elif isinstance(response.data, dict):
-            response.data = {**response.data, "directives": items}
+            # A copy of the same type: DRF's ReturnDict.copy() keeps the
+            # serializer that the browsable API and HTMLFormRenderer read.
+            data = response.data.copy()
+            data["directives"] = pull.directives_for(request)
+            response.data = data
         else:
             return
         setattr(response, _INJECTED, True)
@@ -105,10 +110,12 @@ class DirectiveMiddleware:
             return
         if response.streaming or not isinstance(response, HttpResponse):
             return
-        if not pull.wants_directives(request):
+        if not _is_success(response) or not pull.wants_directives(request):
             return
         if response.status_code == 204 and not response.content:
             items = pull.directives_for(request)
+            if not items:
+                return
             response.status_code = 200
             response["Content-Type"] = "application/json"
             response.content = json.dumps({"directives": items}).encode()
@@ -123,3 +130,8 @@ class DirectiveMiddleware:
             return
         body["directives"] = pull.directives_for(request)
         response.content = json.dumps(body).encode()
+
+
+def _is_success(response: HttpResponseBase) -> bool:
+    # Errors keep their own shape: a form maps every key of a 400 to a field.
+    return 200 <= response.status_code < 300

@@ -206,6 +206,9 @@ class Bound(Protocol):
     """A rule bound to a model's attribute names, ready to evaluate."""
 
     @property
+    def rule(self) -> Rule: ...
+
+    @property
     def tracked(self) -> tuple[str, ...]: ...
 
     @property
@@ -317,6 +320,7 @@ class BoundItem:
 
     def _result_payload(self, instance: Any) -> Any:
         from verity_django.conf import conf
+        from verity_django.results import LevelResult, LevelsResult
 
         rule = self.rule
         where = f"{rule!r} result"
@@ -325,9 +329,13 @@ class BoundItem:
         except Exception as exc:
             report_user_code_error(self.model_label, where, rule.result, f"raised {exc!r}")
             return None
-        payload: dict[str, Any] = {"data": data, "ts": d.now_ms()}
-        if rule.result_level is not None:
-            payload["level"] = rule.result_level
+        if data is None:
+            return None
+        # A payload object already names its levels; plain data is one level's.
+        if isinstance(data, LevelResult | LevelsResult):
+            payload = data.as_json()
+        else:
+            payload = LevelResult(rule.result_level, data).as_json()
         try:
             size = len(d.dumps(payload).encode())
         except (TypeError, ValueError, UnicodeEncodeError) as exc:

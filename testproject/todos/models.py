@@ -3,8 +3,12 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
+from verity_django.contrib.rest_framework.levels import level_result
 from verity_django.querysets import DirectiveManager
 from verity_django.rules import RefreshCollection, RefreshItem
+
+# The serializers import these models, so the levels are named by path.
+TODO_RESULT = level_result("testproject.todos.serializers.TODO_LEVELS")
 
 
 class Project(models.Model):
@@ -57,7 +61,9 @@ class Todo(models.Model):
     class Meta:
         ordering = ["id"]
         directives = [
-            RefreshItem("todo"),
+            # The maximal level, so that a window holding the todo at any
+            # level refetches nothing after another window edits it.
+            RefreshItem("todo", result=TODO_RESULT if settings.DEMO_TODO_RESULT else None),
             # A new or deleted todo changes every list; an edit changes the
             # lists filtered by the status or project it had and has.
             RefreshCollection("todos", on=["create", "delete"]),

@@ -1,30 +1,58 @@
 from __future__ import annotations
 
-from typing import Any
-
 from rest_framework import serializers
 
 from testproject.todos.models import Project, Todo
-
-LEVELS = ("simplified", "expanded")
+from verity_django.contrib.rest_framework.levels import Levels
 
 
 class TodoSerializer(serializers.ModelSerializer[Todo]):
+    """What create and update take and answer."""
+
     class Meta:
         model = Todo
         fields = ["id", "title", "status", "description", "project", "created_at", "updated_at"]
         read_only_fields = ["id", "created_at", "updated_at"]
 
 
-def todo_at_level(todo: Todo, level: str | None) -> dict[str, Any]:
-    data: dict[str, Any] = {"id": todo.pk, "title": todo.title, "status": todo.status}
-    if level in LEVELS:
-        data["project"] = todo.project_id
-    if level == "expanded":
-        data["description"] = todo.description
-        data["created_at"] = todo.created_at.isoformat()
-        data["updated_at"] = todo.updated_at.isoformat()
-    return data
+class TodoDefaultSerializer(serializers.ModelSerializer[Todo]):
+    """The default level: what a list row shows."""
+
+    class Meta:
+        model = Todo
+        fields = ["id", "title", "status"]
+        read_only_fields = fields
+
+
+class TodoSimplifiedSerializer(serializers.ModelSerializer[Todo]):
+    class Meta:
+        model = Todo
+        fields = [*TodoDefaultSerializer.Meta.fields, "project"]
+        read_only_fields = fields
+
+
+class TodoExpandedSerializer(serializers.ModelSerializer[Todo]):
+    """The maximal level: everything the detail pane shows."""
+
+    class Meta:
+        model = Todo
+        fields = [
+            *TodoSimplifiedSerializer.Meta.fields,
+            "description",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+
+TODO_LEVELS = Levels(
+    {
+        None: TodoDefaultSerializer,
+        "simplified": TodoSimplifiedSerializer,
+        "expanded": TodoExpandedSerializer,
+    },
+    converts={"expanded": ["simplified"], "simplified": [None]},
+)
 
 
 class ProjectSerializer(serializers.ModelSerializer[Project]):
