@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 import verity_django
-from tests.testapp.models import Board, Bug, Card, Column, Project, Tag, Team, Todo
+from tests.testapp.models import Board, Bug, Card, Column, Label, Project, Tag, Team, Todo
 from verity_django import registry, rules
 from verity_django.rules import RefreshCollection, RefreshItem
 from verity_django.testing import capture_directives
@@ -360,3 +360,22 @@ def test_a_change_through_the_parent_class_runs_the_childs_rules(alice: Any) -> 
     with capture_directives() as captured:
         Card.objects.filter(pk=bug.pk).update(title="d")
     assert {"op": "refresh_item", "name": "bug", "id": bug.pk} in captured.bare
+
+
+def test_a_relation_declared_on_the_parent_tells_the_child_from_both_sides(db: Any) -> None:
+    team = Team.objects.create(name="a")
+    board = Board.objects.create(team=team, name="b")
+    bug = Bug.objects.create(board=board, title="c", severity=2)
+    label = Label.objects.create(name="l")
+    bug_item = {"op": "refresh_item", "name": "bug", "id": bug.pk}
+    for change in (
+        lambda: label.cards.add(bug.pk),
+        lambda: Card.objects.get(pk=bug.pk).labels.remove(label),
+        lambda: bug.labels.add(label),
+    ):
+        with capture_directives() as captured:
+            change()
+        assert bug_item in captured.for_audience(f"team-{team.pk}")
+    with capture_directives() as captured:
+        label.delete()
+    assert bug_item in captured.for_audience(f"team-{team.pk}")

@@ -58,11 +58,13 @@ def install(
         _connect(post_save, functools.partial(_on_post_save, of), model, "post_save")
         _connect(post_delete, functools.partial(_on_post_delete, of), model, "post_delete")
         _resnapshot_on_refresh_from_db(model)
+    # A relation declared on a multi-table parent is the children's too.
+    children = {of.model: tuple(rules for _, rules in of.children) for of in applicable}
     for rules in registered:
         for rel in rules.relations:
-            handler = functools.partial(_on_m2m_changed, rules, rel)
+            handler = functools.partial(_on_m2m_changed, rules, children.get(rules.model, ()), rel)
             _connect(m2m_changed, handler, rel.remote_field.through, f"m2m.{rel.name}")
-    for referenced, effects in _deletion_effects(registered, models_).items():
+    for referenced, effects in _deletion_effects(registered, models_, children).items():
         handler = functools.partial(_on_pre_delete, tuple(effects))
         _connect(pre_delete, handler, referenced, "pre_delete")
 
@@ -142,6 +144,7 @@ def _on_post_delete(
 
 def _on_m2m_changed(
     rules: ModelRules,
+    children: tuple[ModelRules, ...],
     rel: models.ManyToManyField[Any, Any],
     sender: Any,
     instance: models.Model,
@@ -166,17 +169,26 @@ def _on_m2m_changed(
     if not reverse:
         values = tracking.previous(instance) or tracking.current(instance, rules.tracked)
         change = rules.change("update", values, values, instance, instance)
-        batching.collect(rules.route([change], db), using=using)
+        routed = rules.route([change], db)
+        for child in children:
+            routed.extend(_relinked(child, db, {instance.pk}))
+        batching.collect(routed, using=using)
         return
     if action == "post_clear":
         pk_set = instance.__dict__.pop(f"{_CLEARING}.{rel.name}", None)
     if pk_set is None:
         # Cleared while verity was off for pre_clear: which rows is unknown.
         pk_set = set()
+    pks = pk_set
+    batching.collect([r for x in (rules, *children) for r in _relinked(x, db, pks)], using=using)
+
+
+def _relinked(rules: ModelRules, using: str, pks: Iterable[Any]) -> list[Routed]:
+    """An update of the rows with ``pks``, whose links changed."""
     changes = [
-        rules.change("update", values, values, row, row) for values, row in _rows(rules, db, pk_set)
+        rules.change("update", values, values, row, row) for values, row in _rows(rules, using, pks)
     ]
-    batching.collect(rules.route(changes, db), using=using)
+    return rules.route(changes, using)
 
 
 def _linked(rel: models.ManyToManyField[Any, Any], target: models.Model, using: str) -> set[Any]:
@@ -242,16 +254,11 @@ class _Unlinks:
     ``m2m_changed``: the rows it was linked to are updated."""
 
     rel: Any
-    rules: ModelRules
+    rules: tuple[ModelRules, ...]
 
     def routed(self, deleted: models.Model, using: str) -> list[Routed]:
-        rules = self.rules
         linked = _linked(self.rel, deleted, using)
-        changes = [
-            rules.change("update", values, values, row, row)
-            for values, row in _rows(rules, using, linked)
-        ]
-        return rules.route(changes, using)
+        return [r for rules in self.rules for r in _relinked(rules, using, linked)]
 
 
 _Effect = _SetsForeignKey | _Unlinks
@@ -272,7 +279,9 @@ def _on_pre_delete(
 
 
 def _deletion_effects(
-    registered: Iterable[ModelRules], models_: Sequence[type[models.Model]]
+    registered: Iterable[ModelRules],
+    models_: Sequence[type[models.Model]],
+    children: Mapping[type[models.Model], tuple[ModelRules, ...]],
 ) -> dict[type[models.Model], list[_Effect]]:
     """For each model whose delete changes rows of registered models without
     a signal: foreign keys with a setting ``on_delete``, and declared m2m."""
@@ -291,7 +300,8 @@ def _deletion_effects(
                 if replacement is not MISSING:
                     on_delete_of(fk.related_model, _SetsForeignKey(fk, rules, replacement))
         for rel in rules.relations:
-            on_delete_of(rel.related_model, _Unlinks(rel, rules))
+            told = (rules, *children.get(rules.model, ()))
+            on_delete_of(rel.related_model, _Unlinks(rel, told))
     return out
 
 
