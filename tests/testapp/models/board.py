@@ -168,6 +168,7 @@ class Bug(Card):
             RefreshCollection("bugs", params=["severity"]),
         ]
         directive_audience = ["assignee", "board__team"]
+        directive_relations = ["labels"]
 
     def __str__(self) -> str:
         return f"{self.title} (severity {self.severity})"
