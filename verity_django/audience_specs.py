@@ -96,23 +96,15 @@ class FieldAudience:
 
 
 @dataclass(frozen=True)
-class PathAudience:
-    """``"board__team"``: the first foreign key's id is tracked like any field,
-    so the old and the new one are known; the rest of the path is read with
-    one query for all the sides of an operation."""
+class PathAudience(FieldAudience):
+    """``"board__team"``: the first foreign key's id is tracked like a field
+    audience's, so the old and the new one are known; the rest of the path is
+    read with one query for all the sides of an operation."""
 
     path: str
-    attname: str
     target: type[models.Model]
     target_field: str
     rest: str
-    prefix: str
-    model_label: str
-    needs_instance: bool = field(default=False, init=False, repr=False)
-
-    @property
-    def tracked(self) -> tuple[str, ...]:
-        return (self.attname,)
 
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         ids = {
@@ -207,10 +199,6 @@ class AudienceList:
     @property
     def needs_instance(self) -> bool:
         return any(s.needs_instance for s in self.specs)
-
-    @property
-    def paths(self) -> tuple[PathAudience, ...]:
-        return tuple(s for s in self.specs if isinstance(s, PathAudience))
 
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         resolved = [s.resolve(sides, using) for s in self.specs]
