@@ -17,6 +17,10 @@ behind Redis.
   django-eventstream's own ``stream-error``) starts afresh instead of a 400.
 - ``revoke()`` inside a transaction takes effect when it commits, and not at
   all when it rolls back.
+- For random interleavings of streams opening, revocations stored by
+  another process and the watcher reading them, exactly the streams an
+  oracle written here names are cut; a match that ignores the audience
+  fails the same property.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+from unittest import mock
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import transaction
 from django.test import AsyncClient, override_settings
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import verity_django
 from verity_django import directives as d
@@ -272,3 +279,116 @@ def test_revoke_needs_a_user_or_an_audience(alice: Any) -> None:
         verity_django.revoke(AnonymousUser())
     with pytest.raises(InvalidAudience):
         verity_django.revoke(alice, "team a")
+
+
+# --------------------------------------------------------------------------
+# Which streams a revocation cuts, generated, against an oracle written here
+# --------------------------------------------------------------------------
+#
+# Operations in a random order: streams are noted (their mark taken), begin
+# (registered with the watcher, possibly after revocations were stored
+# meanwhile), revocations are stored by "another process", and the watcher
+# reads the storage. A stream must be cut exactly when a revocation stored
+# after its mark names its user (or everybody), one of its audiences (or
+# all), and its session (or any).
+
+USERS_ = st.sampled_from(["1", "2"])
+AUDIENCES_ = st.sampled_from(["global", "team-a", "team-b"])
+SESSIONS_ = st.sampled_from(["s1", "s2", "s3"])
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("note"), USERS_, SESSIONS_, st.frozensets(AUDIENCES_, min_size=1)),
+        st.tuples(st.just("begin")),
+        st.tuples(st.just("read")),
+        st.tuples(
+            st.just("revoke"),
+            st.none() | USERS_,
+            st.none() | AUDIENCES_,
+            st.none() | SESSIONS_,
+        ),
+    ),
+    max_size=25,
+)
+
+
+def oracle_cuts(
+    stream: tuple[str, str, frozenset[str], int], revocations: list[tuple[Any, ...]]
+) -> bool:
+    user, session, audiences, mark = stream
+    return any(
+        rid > mark
+        and (r_user in (None, user))
+        and (r_audience is None or r_audience in audiences)
+        and (r_session in (None, session))
+        for rid, r_user, r_audience, r_session in revocations
+    )
+
+
+class Stored:
+    """The storage's revocation channel, as another process fills it."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def add(self, user: Any, audience: Any, session: Any) -> None:
+        from django_eventstream.event import Event
+
+        data = {"user": user, "audience": audience, "session": session}
+        self.events.append(
+            Event(revocation.CHANNEL, "revoke", json.dumps(data), id=len(self.events) + 1)
+        )
+
+    def after(self, position: int) -> tuple[list[Any], int | None]:
+        return self.events[position : position + 100], None
+
+
+async def play(ops: list[tuple[Any, ...]]) -> None:
+    loop = asyncio.get_running_loop()
+    watcher = revocation.Watcher(loop)
+    stored = Stored()
+    noted: list[tuple[revocation.Stream, tuple[str, str, frozenset[str], int]]] = []
+    waiting: list[revocation.Stream] = []
+    with mock.patch.object(revocation, "_revocations_after", stored.after):
+        for op in [*ops, ("begin-all",), ("read",)]:
+            if op[0] == "note":
+                _, user, session, audiences = op
+                known = watcher.known_position()
+                mark = len(stored.events) if known is None else known
+                stream = revocation.Stream(user, session, audiences, mark)
+                stream.loop, stream.cut = loop, asyncio.Event()
+                noted.append((stream, (user, session, audiences, mark)))
+                waiting.append(stream)
+            elif op[0] == "begin" and waiting:
+                watcher.register(waiting.pop(0))
+            elif op[0] == "begin-all":
+                for stream in waiting:
+                    watcher.register(stream)
+            elif op[0] == "read":
+                await watcher._catch_up()
+            elif op[0] == "revoke":
+                stored.add(*op[1:])
+    revocations = [(e.id, *json.loads(e.data).values()) for e in stored.events]
+    for stream, facts in noted:
+        assert bool(stream.reason) == oracle_cuts(facts, revocations), (facts, revocations)
+
+
+async def _no_task(self: Any) -> None:
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=operations)
+def test_revocations_cut_exactly_the_streams_they_name(ops: list[tuple[Any, ...]]) -> None:
+    with mock.patch.object(revocation.Watcher, "_run", _no_task):
+        asyncio.run(play(ops))
+
+
+def test_the_revocation_oracle_catches_a_match_that_ignores_the_audience() -> None:
+    def too_wide(self: revocation.Revocation, stream: revocation.Stream) -> bool:
+        return self.user is None or self.user == stream.user
+
+    with (
+        mock.patch.object(revocation.Revocation, "matches", too_wide),
+        pytest.raises(AssertionError),
+    ):
+        test_revocations_cut_exactly_the_streams_they_name()
