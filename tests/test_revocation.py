@@ -355,7 +355,7 @@ async def play(ops: list[tuple[Any, ...]]) -> None:
                 known = watcher.known_position()
                 mark = len(stored.events) if known is None else known
                 stream = revocation.Stream(user, session, audiences, mark)
-                stream.loop, stream.cut = loop, asyncio.Event()
+                stream.loop = loop
                 noted.append((stream, (user, session, audiences, mark)))
                 waiting.append(stream)
             elif op[0] == "begin" and waiting:
