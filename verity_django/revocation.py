@@ -135,11 +135,9 @@ def _on_logout(sender: Any, request: HttpRequest | None, user: Any, **kwargs: An
     session = getattr(getattr(request, "session", None), "session_key", None)
     if not session:
         return
-    try:
+    # A failure is logged and counted already; the session ends either way.
+    with contextlib.suppress(Exception):
         _record(None, None, session_tag(session))
-    except Exception:
-        # Already logged and counted; the session itself is gone either way.
-        return
 
 
 def connect_signals() -> None:
@@ -362,13 +360,17 @@ class Watcher:
 
     def known_position(self) -> int | None:
         with self.lock:
-            return self.position if self.task is not None else None
+            return self.position if self._running() else None
+
+    def _running(self) -> bool:
+        # A task cancelled with its loop (a server shutting down) reads nothing.
+        return self.task is not None and not self.task.done()
 
     def register(self, stream: Stream) -> None:
         missed: list[Revocation] = []
         lost = False
         with self.lock:
-            if self.position is None or self.task is None:
+            if self.position is None or not self._running():
                 self.position = stream.mark
                 self.history.clear()
             elif stream.mark < self.position:
@@ -376,7 +378,7 @@ class Watcher:
                 oldest = self.history[0].id if self.history else self.position + 1
                 lost = oldest > stream.mark + 1
             self.streams.add(stream)
-            if self.task is None:
+            if not self._running():
                 self.task = self.loop.create_task(self._run(), name="verity-revocations")
         if lost:
             stream.end("Access may have been revoked while this stream opened.")
