@@ -393,3 +393,24 @@ def test_the_revocation_oracle_catches_a_match_that_ignores_the_audience() -> No
         pytest.raises(AssertionError),
     ):
         test_revocations_cut_exactly_the_streams_they_name()
+
+
+def test_revocations_gone_from_storage_cut_every_stream() -> None:
+    """Trimmed, or a storage that started over: what was revoked meanwhile is
+    unknown, so every stream of the process ends and reconnects."""
+
+    async def play_gone() -> list[str]:
+        loop = asyncio.get_running_loop()
+        watcher = revocation.Watcher(loop)
+        streams = [revocation.Stream(u, None, frozenset({"global"}), 3) for u in ("1", "2")]
+        for stream in streams:
+            stream.loop = loop
+            watcher.register(stream)
+        with mock.patch.object(revocation, "_revocations_after", return_value=([], 9)):
+            await watcher._catch_up()
+        assert watcher.known_position() == 9
+        return [s.reason for s in streams]
+
+    with mock.patch.object(revocation.Watcher, "_run", _reads_only_when_told):
+        reasons = asyncio.run(play_gone())
+    assert all(reasons), reasons
