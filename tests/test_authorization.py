@@ -8,6 +8,11 @@
 - A project hook (teams) is only ever asked about validated names.
 - ``result`` payloads follow the object's audience: bob's stream never carries
   alice's todo data, unless bob may read an audience the todo is shared with.
+- Pull copies follow the same rule: a response carries a directive only when
+  its requester may read one of the directive's audiences, and its ``result``
+  only when the requester may read one of the object's current audiences,
+  even when a receiver changed other users' private rows in that request.
+  AUTHORIZE is asked once per request and audience.
 - Session-authenticated mutations need CSRF as DRF requires, verity or not.
 - A result larger than RESULT_MAX_BYTES is dropped from the directive and logged.
 """
@@ -32,7 +37,7 @@ from rest_framework.test import APIClient
 
 import verity_django
 from tests.conftest import DIRECTIVE_HEADERS as _DIRECTIVE_HEADERS
-from tests.testapp.models import Todo
+from tests.testapp.models import Project, Todo
 from verity_django import registry
 from verity_django.audiences import can_read, default_authorize, is_valid_audience
 from verity_django.publishing import storage
@@ -438,6 +443,130 @@ def test_result_is_not_sent_to_an_audience_the_object_left(alice: Any, bob: Any)
         f"the todo's new data (its result) also went to {sorted(leaked)}, the audience of "
         "its previous owner, who may no longer read it"
     )
+
+
+# --------------------------------------------------------------------------
+# Pull copies: only what the requester may read
+# --------------------------------------------------------------------------
+
+
+@contextmanager
+def denormalized_project_names() -> Iterator[None]:
+    """A receiver that keeps each todo's description in step with its
+    project's name, whoever owns the todo: one user's request then changes
+    other users' private rows."""
+    from django.db.models.signals import post_save
+
+    def note(sender: Any, instance: Project, **kwargs: Any) -> None:
+        for todo in Todo.objects.filter(project=instance):
+            todo.description = f"{todo.description.split(' | ')[0]} | in {instance.name}"
+            todo.save()
+
+    post_save.connect(note, sender=Project, dispatch_uid="test-denormalize", weak=False)
+    try:
+        yield
+    finally:
+        post_save.disconnect(sender=Project, dispatch_uid="test-denormalize")
+
+
+def todo_items(body: dict[str, Any]) -> dict[Any, dict[str, Any]]:
+    return {
+        x["id"]: x for x in body["directives"] if x["op"] == "refresh_item" and x["name"] == "todo"
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pull_copy_leaves_out_other_users_private_rows(alice: Any, bob: Any) -> None:
+    """The reproduction from issue 12: renaming a shared project rewrites bob's
+    private todo, whose rule sends ``result=``; alice's PATCH response carried
+    bob's todo id and its private text."""
+    project = Project.objects.create(name="shared", owner=alice)
+    mine = Todo.objects.create(title="alice-note", owner=alice, project=project)
+    theirs = Todo.objects.create(
+        title="bob-private-title", description="bob-private-body", owner=bob, project=project
+    )
+    api = APIClient()
+    api.force_login(alice)
+    with todo_rules(todo_result), denormalized_project_names():
+        response = api.patch(
+            f"/api/projects/{project.pk}/", {"name": "renamed"}, format="json", **DIRECTIVE_HEADERS
+        )
+    assert response.status_code == 200
+    body = response.json()
+    assert "bob-private" not in json.dumps(body)
+    items = todo_items(body)
+    assert set(items) == {mine.pk}
+    assert items[mine.pk]["result"]["data"]["description"] == " | in renamed"
+    assert items[mine.pk]["result"]["data"]["title"] == "alice-note"
+    # The push path still tells bob, with his data.
+    bob_envelopes = envelopes_by_channel()[f"verity.user-{bob.pk}"]
+    assert theirs.pk in {x.get("id") for e in bob_envelopes for x in e["directives"]}
+    assert "bob-private-body" in json.dumps(bob_envelopes)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pull_copy_drops_the_result_of_an_object_the_requester_handed_away(
+    alice: Any, bob: Any
+) -> None:
+    """Alice hands her todo to bob: she is told it changed (it leaves her
+    lists), but its data is bob's now."""
+    todo = Todo.objects.create(title="hand-over", owner=alice)
+    api = APIClient()
+    api.force_login(alice)
+
+    def hand_to_bob(sender: Any, instance: Todo, **kwargs: Any) -> None:
+        if instance.owner_id == alice.pk and instance.title == "handed":
+            fresh = Todo.objects.get(pk=instance.pk)
+            fresh.owner = bob
+            fresh.description = "bob-only-now"
+            fresh.save()
+
+    from django.db.models.signals import post_save
+
+    with todo_rules(todo_result):
+        # Connected after the rules, so it runs after verity's own receiver.
+        post_save.connect(hand_to_bob, sender=Todo, dispatch_uid="test-hand-over", weak=False)
+        try:
+            response = api.patch(
+                f"/api/todos/{todo.pk}/", {"title": "handed"}, format="json", **DIRECTIVE_HEADERS
+            )
+        finally:
+            post_save.disconnect(sender=Todo, dispatch_uid="test-hand-over")
+    assert response.status_code == 200
+    body = response.json()
+    items = todo_items(body)
+    assert set(items) == {todo.pk}
+    assert "result" not in items[todo.pk]
+    assert "bob-only-now" not in json.dumps(body)
+
+
+COUNTED: list[str] = []
+
+
+def counting_authorize(user: Any, audience: str) -> bool:
+    COUNTED.append(audience)
+    return default_authorize(user, audience)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_authorize_is_asked_once_per_request_and_audience(alice: Any, bob: Any) -> None:
+    project = Project.objects.create(name="shared", owner=alice)
+    for i in range(30):
+        Todo.objects.create(title=f"t{i}", owner=alice if i % 2 else bob, project=project)
+    api = APIClient()
+    api.force_login(alice)
+    COUNTED.clear()
+    with (
+        todo_rules(todo_result),
+        denormalized_project_names(),
+        override_settings(VERITY={"AUTHORIZE": f"{__name__}.counting_authorize"}),
+    ):
+        response = api.patch(
+            f"/api/projects/{project.pk}/", {"name": "many"}, format="json", **DIRECTIVE_HEADERS
+        )
+    assert response.status_code == 200
+    assert len(todo_items(response.json())) == 15
+    assert sorted(COUNTED) == sorted({"global", f"user-{alice.pk}", f"user-{bob.pk}"})
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,11 @@
   only ever handed channels built from validated, readable audiences.
 - Oversized and malformed requests to the events endpoint are refused before
   any database or storage work.
+- Pull copies: for random requests whose receivers hand over, share and
+  rewrite other users' todos, the response carries exactly the directives
+  and ``result``s that an authorization model written in this file allows:
+  none of an audience the requester may not read, none missing. The same
+  property fails when the filter is broken on purpose.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.http import StreamingHttpResponse
 from django.test import Client, RequestFactory, override_settings
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 from verity_django import directives as d
@@ -589,3 +594,313 @@ def test_a_malformed_last_event_id_is_refused_before_storage(
         response = alice_client.get("/api/events?audience=global", HTTP_LAST_EVENT_ID=value)
     assert response.status_code == 400
     assert counts["storage"] == 0
+
+
+# --------------------------------------------------------------------------
+# Pull copies: random cross-user side effects, against an authorization model
+# written here
+# --------------------------------------------------------------------------
+#
+# A requester PATCHes one of their own todos; a receiver then rewrites other
+# todos of random owners (hand-overs, sharing with team-x, new text). Every
+# todo is routed to its owner (before and after the change) and to team-x
+# while it is shared, and sends its data as ``result``. The oracle below
+# knows nothing of verity's audiences or hooks: it replays the saves on
+# plain dicts and says exactly what the response may and must carry.
+
+TEAM = "team-x"
+TEAM_MEMBERS: set[Any] = set()
+
+
+def fuzz_authorize(user: Any, audience: str) -> bool:
+    if audience == TEAM:
+        return bool(user.is_authenticated) and user.pk in TEAM_MEMBERS
+    from verity_django.audiences import default_authorize
+
+    return default_authorize(user, audience)
+
+
+def _shared(todo: Any) -> list[str]:
+    return [TEAM] if todo.status == "done" else []
+
+
+def _todo_data(todo: Any) -> dict[str, Any]:
+    return {"id": todo.pk, "title": todo.title, "description": todo.description}
+
+
+@contextmanager
+def fuzz_rules() -> Iterator[None]:
+    import verity_django
+    from testproject.todos.models import Todo
+    from verity_django import registry
+    from verity_django.rules import RefreshCollection, RefreshItem
+
+    original = registry._declared[Todo]
+    verity_django.register(
+        Todo,
+        directives=[
+            RefreshItem("todo", result=_todo_data, collection="todos"),
+            RefreshCollection("todos", params=["owner"], on=["update"]),
+        ],
+        audience=["owner", _shared],
+    )
+    try:
+        yield
+    finally:
+        verity_django.register(
+            Todo,
+            directives=original.directives,
+            audience=original.audience,
+            relations=original.relations,
+        )
+
+
+class PullModel:
+    """What each save tells, replayed on plain values: users are indexes,
+    a todo is (owner, shared, title, description)."""
+
+    def __init__(self, pks: list[Any], members: set[int], requester: int) -> None:
+        self.pks = pks
+        self.members = members
+        self.requester = requester
+        self.told: dict[int, set[tuple[str, Any]]] = {}  # todo -> audiences of its saves
+        # Per save: its audiences, and the owners before and after it.
+        self.saves: list[tuple[set[tuple[str, Any]], set[int]]] = []
+        self.last: dict[int, tuple[int, bool, str, str]] = {}
+
+    def audiences_of(self, owner: int, shared: bool) -> set[tuple[str, Any]]:
+        return {("user", owner)} | ({("team", None)} if shared else set())
+
+    def may_read(self, audience: tuple[str, Any]) -> bool:
+        kind, who = audience
+        return who == self.requester if kind == "user" else self.requester in self.members
+
+    def save(self, todo: int, before: tuple[int, bool], after: tuple[int, bool, str, str]) -> None:
+        owner_before, _ = before
+        audiences = {("user", owner_before)} | self.audiences_of(after[0], after[1])
+        self.told.setdefault(todo, set()).update(audiences)
+        self.saves.append((audiences, {owner_before, after[0]}))
+        self.last[todo] = after
+
+    def visible(self, todo: int) -> bool:
+        return any(self.may_read(a) for a in self.told[todo])
+
+    def result_visible(self, todo: int) -> bool:
+        owner, shared, _, _ = self.last[todo]
+        return any(self.may_read(a) for a in self.audiences_of(owner, shared))
+
+    def expected(self, ids: dict[int, Any], threshold: int) -> list[dict[str, Any]]:
+        """Exactly the directives (no metadata) the requester's response carries."""
+        shown = [t for t in self.told if self.visible(t)]
+        if len(self.told) > threshold:
+            # Crowded items became the whole collection, which covers the
+            # per-owner ones too.
+            return [{"op": "refresh_collection", "name": "todos"}] if shown else []
+        out: list[dict[str, Any]] = []
+        for t in sorted(shown, key=lambda t: ids[t]):
+            item: dict[str, Any] = {"op": "refresh_item", "name": "todo", "id": ids[t]}
+            if self.result_visible(t):
+                _, _, title, description = self.last[t]
+                item["result"] = {"id": ids[t], "title": title, "description": description}
+            out.append(item)
+        owners = {
+            o for audiences, both in self.saves if any(map(self.may_read, audiences)) for o in both
+        }
+        for owner in sorted(owners):
+            out.append(
+                {"op": "refresh_collection", "name": "todos", "params": {"owner": self.pks[owner]}}
+            )
+        return out
+
+
+side_effects = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=5),  # which todo
+        st.one_of(st.none(), st.integers(min_value=0, max_value=2)),  # hand over to
+        st.one_of(st.none(), st.booleans()),  # share with team-x or stop
+        st.text(string.ascii_letters, max_size=6),  # new description
+    ),
+    max_size=8,
+)
+pull_cases = st.fixed_dictionaries(
+    {
+        "users": st.integers(min_value=0, max_value=2),  # the requester
+        "members": st.sets(st.integers(min_value=0, max_value=2)),
+        "todos": st.lists(
+            st.tuples(st.integers(min_value=0, max_value=2), st.booleans()),
+            min_size=1,
+            max_size=6,
+        ),
+        "effects": side_effects,
+        "threshold": st.sampled_from([1, 3, 100]),
+    }
+)
+
+
+def run_pull_case(case: dict[str, Any], users: list[Any]) -> None:
+    """One PATCH over the wire; its response must match the model exactly."""
+    from django.db.models.signals import post_save
+    from rest_framework.test import APIClient
+
+    import verity_django
+    from testproject.todos.models import Todo
+    from tests.conftest import DIRECTIVE_HEADERS
+    from verity_django.testing import strip_metadata
+
+    requester = case["users"]
+    pks = [u.pk for u in users]
+    TEAM_MEMBERS.clear()
+    TEAM_MEMBERS.update(pks[m] for m in case["members"])
+    model = PullModel(pks, case["members"], requester)
+    with verity_django.disabled():
+        Todo.objects.all().delete()
+        trigger = Todo.objects.create(title="trigger", owner=users[requester])
+        rows = [
+            Todo.objects.create(
+                title=f"t{i}", description=f"private-{i}", owner=users[o], status=_status(s)
+            )
+            for i, (o, s) in enumerate(case["todos"])
+        ]
+    state = {
+        t.pk: (pks.index(t.owner_id), t.status == "done", t.title, t.description)
+        for t in [trigger, *rows]
+    }
+    index = {t.pk: n for n, t in enumerate([trigger, *rows])}
+    ids = {n: pk for pk, n in index.items()}
+    done: list[bool] = []
+
+    def side_effect(sender: Any, instance: Any, **kwargs: Any) -> None:
+        if instance.pk != trigger.pk or done:
+            return
+        done.append(True)
+        for which, owner, shared, description in case["effects"]:
+            row = Todo.objects.get(pk=rows[which % len(rows)].pk)
+            before = state[row.pk]
+            if owner is not None:
+                row.owner = users[owner]
+            if shared is not None:
+                row.status = _status(shared)
+            row.description = description
+            row.save()
+            after = (pks.index(row.owner_id), row.status == "done", row.title, description)
+            state[row.pk] = after
+            model.save(index[row.pk], before[:2], after)
+
+    with (
+        fuzz_rules(),
+        override_settings(
+            VERITY={
+                "AUTHORIZE": f"{__name__}.fuzz_authorize",
+                "PUSH": False,
+                "COLLAPSE_THRESHOLD": case["threshold"],
+            }
+        ),
+    ):
+        post_save.connect(side_effect, sender=Todo, dispatch_uid="fuzz-pull", weak=False)
+        try:
+            api = APIClient()
+            api.force_login(users[requester])
+            before = state[trigger.pk]
+            response = api.patch(
+                f"/api/todos/{trigger.pk}/",
+                {"description": "patched"},
+                format="json",
+                **DIRECTIVE_HEADERS,
+            )
+        finally:
+            post_save.disconnect(sender=Todo, dispatch_uid="fuzz-pull")
+    assert response.status_code == 200, response.content
+    model.save(0, before[:2], (before[0], before[1], before[2], "patched"))
+    pulled = strip_metadata(response.json()["directives"])
+    for item in pulled:
+        if "result" in item:
+            item["result"] = item["result"]["data"]
+    assert _canonical(pulled) == _canonical(model.expected(ids, case["threshold"]))
+
+
+def _canonical(items: list[dict[str, Any]]) -> list[str]:
+    return sorted(json.dumps(x, sort_keys=True) for x in items)
+
+
+def _status(shared: bool) -> str:
+    return "done" if shared else "active"
+
+
+@pytest.fixture
+def three_users(alice: Any, bob: Any) -> list[Any]:
+    from django.contrib.auth import get_user_model
+
+    return [alice, bob, get_user_model().objects.create_user("carol")]
+
+
+@pytest.mark.django_db
+@settings(
+    max_examples=150 * SCALE,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=pull_cases)
+@example(  # the issue's reproduction: bob's private todo rewritten by alice's request
+    case={
+        "users": 0,
+        "members": set(),
+        "todos": [(1, False)],
+        "effects": [(0, None, None, "x")],
+        "threshold": 100,
+    }
+)
+@example(  # handed to bob: alice is told, without the data
+    case={
+        "users": 0,
+        "members": set(),
+        "todos": [(0, False)],
+        "effects": [(0, 1, None, "x")],
+        "threshold": 100,
+    }
+)
+@example(  # shared with a team the requester is in
+    case={
+        "users": 1,
+        "members": {1},
+        "todos": [(0, True)],
+        "effects": [(0, None, None, "x")],
+        "threshold": 100,
+    }
+)
+def test_pull_copies_carry_only_what_the_requester_may_read(
+    case: dict[str, Any], three_users: list[Any]
+) -> None:
+    run_pull_case(case, three_users)
+
+
+def _every_result(entry: Any, readable: Any) -> Any:
+    """A filter that drops foreign directives but keeps every ``result``."""
+    if readable is not None and not any(readable(a) for a in entry.audiences):
+        return None
+    return entry.directive
+
+
+BROKEN_FILTERS = {
+    "everything-through": lambda: mock.patch.object(pull, "may_read", return_value=True),
+    "every-result": lambda: mock.patch("verity_django.batching._readable_copy", _every_result),
+}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("broken", sorted(BROKEN_FILTERS))
+def test_the_pull_oracle_catches_a_broken_filter(three_users: list[Any], broken: str) -> None:
+    """Break the filter on purpose: the same property must then fail."""
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],  # finding a leak is enough; no need to shrink it
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(case=pull_cases)
+    def run(case: dict[str, Any]) -> None:
+        run_pull_case(case, three_users)
+
+    with BROKEN_FILTERS[broken](), pytest.raises(AssertionError):
+        run()

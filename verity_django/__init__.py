@@ -22,6 +22,7 @@ _EXPORTS = {
     "batch": "verity_django.batching",
     "disabled": "verity_django.batching",
     "emit": "verity_django.batching",
+    "revoke": "verity_django.revocation",
 }
 
 __all__ = ["__version__", *_EXPORTS]

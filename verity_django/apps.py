@@ -9,7 +9,8 @@ class VerityDjangoConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from verity_django import checks, registry
+        from verity_django import checks, registry, revocation
 
         checks.register_checks()
         registry.load_meta_rules()
+        revocation.connect_signals()

@@ -11,7 +11,7 @@ batch per outermost transaction. A batch publishes when it closes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -144,11 +144,20 @@ class Batch:
                 merged[repl.directive.identity] = repl
         return list(merged.values())
 
-    def directives(self) -> list[d.Directive]:
-        """Every directive of the batch once, as the pull path returns them."""
-        entries = self._final_entries()
-        whole = {e.directive.name for e in entries if _is_whole_collection(e.directive)}
-        return [e.directive for e in entries if not _is_subsumed(e.directive, whole)]
+    def directives(self, readable: Callable[[str], bool] | None = None) -> list[d.Directive]:
+        """Every directive of the batch once, as the pull path returns them.
+
+        With ``readable`` (may the requester read this audience?), only the
+        directives of an audience the requester may read, each with its
+        ``result`` only when the requester may read one of the object's
+        current audiences. Without it, all of them (``capture_directives``).
+        """
+        seen = [_readable_copy(e, readable) for e in self._final_entries()]
+        shown = [x for x in seen if x is not None]
+        # Only what the requester sees may subsume: a whole collection of
+        # someone else's must not hide the params version of their own.
+        whole = {x.name for x in shown if _is_whole_collection(x)}
+        return [x for x in shown if not _is_subsumed(x, whole)]
 
     def by_audience(self) -> dict[str, list[d.Directive]]:
         """The directives of each audience, as the push path publishes them."""
@@ -173,6 +182,21 @@ class Batch:
 
 def _is_params_variant(x: d.Directive) -> bool:
     return x.op == "refresh_collection" and bool(x.params) and x.result is None
+
+
+def _readable_copy(entry: _Entry, readable: Callable[[str], bool] | None) -> d.Directive | None:
+    """The entry's directive as a requester who may read what ``readable``
+    allows sees it: None when it is of no audience of theirs."""
+    if readable is None:
+        return entry.directive
+    if not any(readable(a) for a in sorted(entry.audiences)):
+        return None
+    directive = entry.directive
+    if directive.result is None or entry.result_audiences is None:
+        return directive
+    if any(readable(a) for a in sorted(entry.result_audiences)):
+        return directive
+    return directive.with_metadata(result=None)
 
 
 def _is_whole_collection(x: d.Directive) -> bool:

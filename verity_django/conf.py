@@ -86,6 +86,10 @@ class Setting(Generic[T]):
         return isinstance(value, self.types)
 
 
+def _seconds_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _at_least_one(value: Any) -> bool:
     return bool(value >= 1)
 
@@ -190,6 +194,20 @@ class Settings:
         "Seconds a published envelope stays replayable.",
         expected="an int",
         condition=AT_LEAST_ONE,
+    )
+    REAUTHORIZE_INTERVAL = Setting[float | None](
+        None,
+        (int, float, type(None)),
+        "Seconds after which every live stream is authorized again; None: only revoke() "
+        "and logout cut streams.",
+        expected="None or a number of seconds",
+        cast=_seconds_or_none,
+        # Every round asks AUTHORIZE again for every open stream.
+        condition=Condition(
+            lambda value: value is None or value >= 1,
+            "None (off) or at least 1 second",
+            "verity_django.E007",
+        ),
     )
 
 

@@ -31,6 +31,7 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
 from verity_django import directives as d
+from verity_django import revocation
 from verity_django.audiences import (
     GLOBAL,
     InvalidAudience,
@@ -99,19 +100,23 @@ def events(request: HttpRequest) -> HttpResponseBase:
     starts = {c: min(resume.get(c, current[c]), current[c]) for c in channels}
     request.META["HTTP_LAST_EVENT_ID"] = ",".join(f"{quote(c)}:{starts[c]}" for c in channels)
 
+    watched = revocation.opened(request, audiences)  # revocation: before the stream authorizes
     response: HttpResponseBase = eventstream_events(request, channels=list(channels))
     hellos = "".join(_hello(a, starts[c]) for c, a in channels.items())
     if isinstance(response, StreamingHttpResponse):
         content: AsyncIterator[bytes] = response.streaming_content  # type: ignore[assignment]
         wrapped = StreamingHttpResponse(
-            _stream(
-                content,
-                hellos,
-                starts,
-                channels,
-                client_id,
-                use_tailer=not _redis_delivers(),
-                epoch=_storage_epoch(),
+            revocation.guard(  # revocation: ends the stream when access is revoked
+                watched,
+                _stream(
+                    content,
+                    hellos,
+                    starts,
+                    channels,
+                    client_id,
+                    use_tailer=not _redis_delivers(),
+                    epoch=_storage_epoch(),
+                ),
             ),
             content_type="text/event-stream",
         )
@@ -134,7 +139,9 @@ def _redis_delivers() -> bool:
 
 def _parse_last_event_id(request: HttpRequest, channels: dict[str, str]) -> dict[str, int]:
     raw = request.META.get("HTTP_LAST_EVENT_ID") or request.GET.get("lastEventId") or ""
-    if not raw:
+    if not raw or raw == "error":
+        # "error" is the id of django-eventstream's stream-error event: an
+        # EventSource reconnecting after one starts afresh (hello, resync).
         return {}
     if len(raw) > MAX_LAST_EVENT_ID:
         raise ValueError("Last-Event-ID is too long.")
