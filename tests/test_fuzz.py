@@ -631,7 +631,7 @@ def _todo_data(todo: Any) -> dict[str, Any]:
 @contextmanager
 def fuzz_rules() -> Iterator[None]:
     import verity_django
-    from testproject.todos.models import Todo
+    from tests.testapp.models import Todo
     from verity_django import registry
     from verity_django.rules import RefreshCollection, RefreshItem
 
@@ -743,8 +743,8 @@ def run_pull_case(case: dict[str, Any], users: list[Any]) -> None:
     from rest_framework.test import APIClient
 
     import verity_django
-    from testproject.todos.models import Todo
     from tests.conftest import DIRECTIVE_HEADERS
+    from tests.testapp.models import Todo
     from verity_django.testing import strip_metadata
 
     requester = case["users"]
