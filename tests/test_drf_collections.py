@@ -26,6 +26,8 @@ from verity_django.contrib.rest_framework import filters as rule_filters
 from verity_django.contrib.rest_framework.filters import ModelFieldParamsFilter
 from verity_django.contrib.rest_framework.mixins import CollectionMixin
 
+pytestmark = pytest.mark.demo
+
 DB_SETTINGS = settings(
     max_examples=25,
     deadline=None,

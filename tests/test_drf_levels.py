@@ -38,6 +38,8 @@ from verity_django.contrib.rest_framework.levels import (
 from verity_django.results import LevelResult, LevelsResult
 from verity_django.rules import RefreshItem
 
+pytestmark = pytest.mark.demo
+
 LEVEL_NAMES = [None, "simplified", "expanded"]
 
 

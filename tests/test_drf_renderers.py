@@ -31,7 +31,7 @@ from testproject.todos.serializers import TodoSerializer
 from tests.conftest import DIRECTIVE_HEADERS
 from verity_django import middleware
 
-pytestmark = pytest.mark.urls(__name__)
+pytestmark = [pytest.mark.urls(__name__), pytest.mark.demo]
 
 
 class TodoForms(generics.ListCreateAPIView[Todo]):
