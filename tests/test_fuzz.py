@@ -664,8 +664,8 @@ class PullModel:
         self.members = members
         self.requester = requester
         self.told: dict[int, set[tuple[str, Any]]] = {}  # todo -> audiences of its saves
-        # Per save: its audiences, and the owners before and after it.
-        self.saves: list[tuple[set[tuple[str, Any]], set[int]]] = []
+        # Per save and state (before, after): who could see the row, and its owner.
+        self.states: list[tuple[set[tuple[str, Any]], int]] = []
         self.last: dict[int, tuple[int, bool, str, str]] = {}
 
     def audiences_of(self, owner: int, shared: bool) -> set[tuple[str, Any]]:
@@ -676,10 +676,12 @@ class PullModel:
         return who == self.requester if kind == "user" else self.requester in self.members
 
     def save(self, todo: int, before: tuple[int, bool], after: tuple[int, bool, str, str]) -> None:
-        owner_before, _ = before
-        audiences = {("user", owner_before)} | self.audiences_of(after[0], after[1])
-        self.told.setdefault(todo, set()).update(audiences)
-        self.saves.append((audiences, {owner_before, after[0]}))
+        # The item goes to whoever could see the row before or after; each
+        # owner's list only to whoever could see the row in that state.
+        seen_before = self.audiences_of(*before)
+        seen_after = self.audiences_of(after[0], after[1])
+        self.told.setdefault(todo, set()).update(seen_before | seen_after)
+        self.states += [(seen_before, before[0]), (seen_after, after[0])]
         self.last[todo] = after
 
     def visible(self, todo: int) -> bool:
@@ -703,9 +705,7 @@ class PullModel:
                 _, _, title, description = self.last[t]
                 item["result"] = {"id": ids[t], "title": title, "description": description}
             out.append(item)
-        owners = {
-            o for audiences, both in self.saves if any(map(self.may_read, audiences)) for o in both
-        }
+        owners = {owner for audiences, owner in self.states if any(map(self.may_read, audiences))}
         for owner in sorted(owners):
             out.append(
                 {"op": "refresh_collection", "name": "todos", "params": {"owner": self.pks[owner]}}
