@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,12 +25,8 @@ DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 
 # An edited todo travels at its maximal level in `result`, so no window
 # refetches it. VERITY_DEMO_RESULT=0 shows the refetches instead (the bench
-# compares both). The unit tests in tests/ still assert the demo's directives
-# without `result` until they move to an app of their own, so under pytest
-# the default is off; the live servers they start are not pytest.
-DEMO_TODO_RESULT = (
-    os.environ.get("VERITY_DEMO_RESULT", "0" if "pytest" in sys.modules else "1") == "1"
-)
+# compares both).
+DEMO_TODO_RESULT = os.environ.get("VERITY_DEMO_RESULT", "1") == "1"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"]
 
 INSTALLED_APPS = [
