@@ -9,6 +9,7 @@ Redis, Pushpin):
 - ``VERITY_REDIS``: ``host:port`` of a redis-server for cross-process fan-out
   and event storage.
 - ``VERITY_GRIP_URL``: the control URL of a Pushpin proxy.
+- ``VERITY_REPLAY_RETENTION``, ``VERITY_REPLAY_MARGIN``: those settings, in seconds.
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ if _grip:
 VERITY: dict[str, object] = {
     "ENABLED": os.environ.get("VERITY_ENABLED", "1") == "1",
 }
+# Tests shorten replay (past-retention cases) or turn it off (benchmarks).
+for _name in ("REPLAY_RETENTION", "REPLAY_MARGIN"):
+    if os.environ.get(f"VERITY_{_name}"):
+        VERITY[_name] = float(os.environ[f"VERITY_{_name}"])
 
 LOGGING = {
     "version": 1,

@@ -209,6 +209,30 @@ class Settings:
             "verity_django.E007",
         ),
     )
+    REPLAY_RETENTION = Setting[float](
+        5 * 60,
+        (int, float),
+        "Seconds a client's stream position is remembered after its stream last wrote; "
+        "a reconnect within it replays what the client missed. 0 turns replay off.",
+        expected="a number of seconds",
+        cast=float,
+        # Past the client's idempotency memory (5 minutes) a replay re-applies
+        # what it had applied; past an hour it is a resync in disguise.
+        condition=Condition(
+            lambda value: 0 <= value <= 3600, "between 0 and 3600", "verity_django.E008"
+        ),
+    )
+    REPLAY_MARGIN = Setting[float](
+        10.0,
+        (int, float),
+        "Seconds before a reconnect whose envelopes are sent again, in case they were "
+        "written to a connection that was already cut.",
+        expected="a number of seconds",
+        cast=float,
+        condition=Condition(
+            lambda value: 0 < value <= 300, "between 0 (excluded) and 300", "verity_django.E009"
+        ),
+    )
 
 
 def declared() -> dict[str, Setting[Any]]:

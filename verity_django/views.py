@@ -31,7 +31,7 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
 from verity_django import directives as d
-from verity_django import revocation
+from verity_django import positions, revocation
 from verity_django.audiences import (
     GLOBAL,
     InvalidAudience,
@@ -97,7 +97,9 @@ def events(request: HttpRequest) -> HttpResponseBase:
     except ValueError as exc:
         return _error(400, str(exc))
     current = storage().get_current_ids(channels)
-    starts = {c: min(resume.get(c, current[c]), current[c]) for c in channels}
+    remembered = positions.remembered(request, client_id, channels, current)
+    starts = {c: min(resume.get(c, remembered.get(c, current[c])), current[c]) for c in channels}
+    tracker = positions.track(request, client_id, {a: starts[c] for c, a in channels.items()})
     request.META["HTTP_LAST_EVENT_ID"] = ",".join(f"{quote(c)}:{starts[c]}" for c in channels)
 
     watched = revocation.opened(request, audiences)  # revocation: before the stream authorizes
@@ -108,14 +110,18 @@ def events(request: HttpRequest) -> HttpResponseBase:
         wrapped = StreamingHttpResponse(
             revocation.guard(  # revocation: ends the stream when access is revoked
                 watched,
-                _stream(
-                    content,
-                    hellos,
-                    starts,
-                    channels,
-                    client_id,
-                    use_tailer=not _redis_delivers(),
-                    epoch=_storage_epoch(),
+                positions.closing(  # positions: a last save when the stream ends
+                    _stream(
+                        content,
+                        hellos,
+                        starts,
+                        channels,
+                        client_id,
+                        use_tailer=not _redis_delivers(),
+                        epoch=_storage_epoch(),
+                        tracker=tracker,
+                    ),
+                    tracker,
                 ),
             ),
             content_type="text/event-stream",
@@ -182,6 +188,7 @@ async def _stream(
     *,
     use_tailer: bool,
     epoch: str | None = None,
+    tracker: positions.Tracker | None = None,
 ) -> AsyncIterator[bytes]:
     from verity_django.delivery import supervise_redis_listener, tailer
 
@@ -206,6 +213,8 @@ async def _stream(
             text = _after_stream_open(text, hellos)
         out = (await connection.rewrite(text)).encode()
         del text
+        if tracker is not None:
+            tracker.wrote(connection.delivered)
         if out:
             yield out
         del out

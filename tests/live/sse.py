@@ -8,7 +8,8 @@ Two layers:
   until changed; an event is dispatched at a blank line only when it has data).
 - ``VerityConsumer``: what the Verity browser client does with those events
   (PROTOCOL.md section 3): hello handling, echo dropping before seq bookkeeping,
-  gap detection and resyncs, and brand-new reconnects without Last-Event-ID.
+  gap detection and resyncs, skipping directives by idempotency key (5 minutes,
+  2048 keys), and brand-new reconnects without Last-Event-ID.
   It also records everything a test may want to assert on: every seq
   received, duplicates, named events, HTTP statuses, errors.
 
@@ -226,6 +227,10 @@ def read_events(
 # an HTTP error or wrong content type ("refused"), or no answer ("failed").
 _Outcome = Literal["streamed", "refused", "failed"]
 
+# The Verity client's idempotency memory.
+IDEMPOTENCY_TTL = 5 * 60.0
+IDEMPOTENCY_MAX_KEYS = 2048
+
 
 @dataclass(frozen=True)
 class RawEvent:
@@ -253,6 +258,9 @@ class Envelope:
     directives: list[Any]
     raw: dict[str, Any]
     echo_dropped: bool
+    # At or below the seq the client held before a hello reset its counter:
+    # sent again by a replay, its directives mostly skipped by idempotency key.
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -303,7 +311,8 @@ class VerityConsumer:
 
     ``tracked`` is the client's seq per audience. It survives reconnects, as it
     does in a page. ``received`` lists every directives seq per audience, echoes
-    included, in arrival order.
+    included, in arrival order. ``applied`` lists the directives the client
+    applied, after idempotency; ``skipped`` the ones it skipped by key.
     """
 
     base_url: str
@@ -332,6 +341,9 @@ class VerityConsumer:
     resyncs: list[Resync] = field(default_factory=list, init=False)
     duplicates: list[Duplicate] = field(default_factory=list, init=False)
     errors: list[ConsumerError] = field(default_factory=list, init=False)
+    applied: list[Any] = field(default_factory=list, init=False)
+    skipped: list[Any] = field(default_factory=list, init=False)
+    replayed: list[Envelope] = field(default_factory=list, init=False)
     status_codes: list[int] = field(default_factory=list, init=False)
     comments: list[str] = field(default_factory=list, init=False)
     connections: int = field(default=0, init=False)  # attempts so far
@@ -339,6 +351,10 @@ class VerityConsumer:
 
     def __post_init__(self) -> None:
         self._seen: dict[tuple[str, int], dict[str, Any]] = {}
+        # idempotency_key -> when first seen (monotonic); insertion order is age.
+        self._keys: dict[str, float] = {}
+        # Per audience, the seq held before a lower hello: envelopes up to it are replays.
+        self._replay_until: dict[str, int] = {}
         self._changed = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -496,6 +512,8 @@ class VerityConsumer:
             # Missed envelopes while away: the client resyncs and catches up.
             self.gaps.append(Gap(connection, audience, previous, last_seq, "hello"))
             self.resyncs.append(Resync(connection, audience, "hello"))
+        if previous is not None and last_seq < previous:
+            self._replay_until[audience] = max(previous, self._replay_until.get(audience, 0))
         # Higher: caught up by the resync. Lower (server restarted with memory-only
         # counters): silently reset. Untracked: start from here.
         self.tracked[audience] = last_seq
@@ -516,8 +534,11 @@ class VerityConsumer:
             directives,
             payload,
             echo,
+            seq <= self._replay_until.get(audience, 0),
         )
         self.envelopes.append(envelope)
+        if envelope.replayed:
+            self.replayed.append(envelope)
         self.received.setdefault(audience, []).append(seq)
         first = self._seen.get((audience, seq))
         if first is None:
@@ -533,6 +554,26 @@ class VerityConsumer:
             self.gaps.append(Gap(connection, audience, previous, seq, "directives"))
             self.resyncs.append(Resync(connection, audience, "directives"))
         self.tracked[audience] = seq if previous is None else max(previous, seq)
+        for directive in directives:
+            self._apply(directive)
+
+    def _apply(self, directive: Any) -> None:
+        key = directive.get("idempotency_key") if isinstance(directive, dict) else None
+        if key is not None and self._key_seen(str(key)):
+            self.skipped.append(directive)
+        else:
+            self.applied.append(directive)
+
+    def _key_seen(self, key: str) -> bool:
+        now = time.monotonic()
+        for old, at in list(self._keys.items()):
+            if at > now - IDEMPOTENCY_TTL and len(self._keys) < IDEMPOTENCY_MAX_KEYS:
+                break
+            del self._keys[old]
+        if key in self._keys:
+            return True
+        self._keys[key] = now
+        return False
 
     # -- recording -----------------------------------------------------------
 

@@ -1,0 +1,453 @@
+"""Where each client's stream stood, so that a reconnect replays what it missed.
+
+The Verity client reconnects with a brand-new EventSource to the same URL:
+the same ``client_id``, no ``Last-Event-ID``. Without help the server can only
+answer with a hello at the current seq; the client sees the gap and resyncs,
+and its resync refetches collections at their default params only, so its
+filtered lists stay stale. This module remembers, per (owner, client id,
+audience), how far the client's stream had written, so the events view can
+start a reconnect from there and send the missed envelopes instead.
+
+A position is a short history of checkpoints ``(time, seq)``: by that time the
+stream had written every envelope up to seq. A reconnect starts each audience
+at the newest checkpoint at least ``REPLAY_MARGIN`` seconds old (what was
+written just before a cut may never have arrived), announces that start in its
+hello, and streams everything after it.
+
+Why any start is safe: the client compares the hello's ``last_seq`` with its
+own. Holding less, it sees a gap and resyncs, as it does without replay.
+Holding as much or more, it resets its counter silently, receives every
+envelope after the start in seq order, and skips the directives it already
+applied by their idempotency keys. The margin only decides which case a
+reconnect meets, never whether an envelope is lost.
+
+Keys are ``clients.tag_for(request, client_id)`` plus the audience: another
+user or session presenting the same client id has another tag, so it can
+neither read nor move this position. The events view checks authorization
+per audience before it asks for a position, on every connect.
+
+Positions live with the storage in use: a Redis key with a TTL under
+``RedisStorage``, a row of ``ReplayPosition`` under ``DatabaseStorage``. A
+stream never waits on them: its checkpoints are saved by one writer thread per
+process, at most once per ``REPLAY_MARGIN / 2`` seconds per connection and
+audience while envelopes flow, once per ``REPLAY_RETENTION / 4`` while it is
+idle, and once when it ends.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from django.http import HttpRequest
+
+from verity_django.clients import tag_for
+from verity_django.conf import conf
+
+logger = logging.getLogger(__name__)
+
+# A history keeps about two checkpoints per half margin, and one older than the
+# margin; this bound only matters for a clock that jumps.
+MAX_CHECKPOINTS = 8
+_REDIS_PREFIX = "verity:position:"
+_TRIM_EVERY = 60.0
+
+
+@dataclass
+class Counters:
+    positions_saved: int = 0
+    positions_superseded: int = 0
+    positions_failed: int = 0
+    replays: int = 0
+
+
+counters = Counters()
+_counters_lock = threading.Lock()
+
+
+def _count(name: str) -> None:
+    with _counters_lock:
+        setattr(counters, name, getattr(counters, name) + 1)
+
+
+def key_for(tag: str, audience: str) -> str:
+    return f"{tag}:{audience}"
+
+
+@dataclass
+class History:
+    """One connection's checkpoints for one audience, oldest first."""
+
+    connection: str
+    seen: float  # when the stream last wrote anything, keep-alives included
+    checkpoints: list[tuple[float, int]]
+
+    def add(self, now: float, seq: int, margin: float) -> bool:
+        """Note that seq was written at ``now``; whether that changed anything."""
+        self.seen = now
+        if self.checkpoints and seq == self.checkpoints[-1][1]:
+            return False
+        if self.checkpoints and seq < self.checkpoints[-1][1]:
+            # The storage counts again (Redis lost its data): older checkpoints
+            # name seqs of another life.
+            self.checkpoints = []
+        points = self.checkpoints
+        points.append((now, seq))
+        while len(points) >= 3 and points[-1][0] - points[-3][0] < margin / 2:
+            del points[-2]
+        # Keep the newest checkpoint older than the margin: a reconnect starts there.
+        while len(points) >= 2 and points[1][0] <= now - margin:
+            del points[0]
+        while len(points) > MAX_CHECKPOINTS:
+            # Dropping the second keeps the oldest, which only replays more.
+            del points[1]
+        return True
+
+    def start(self, now: float, margin: float) -> int:
+        """The seq a client of this stream holds for sure, if it lost at most
+        what was written in the last ``margin`` seconds."""
+        chosen = self.checkpoints[0][1]
+        for at, seq in self.checkpoints:
+            if at > now - margin:
+                break
+            chosen = seq
+        return chosen
+
+    def encode(self) -> str:
+        # Times round up: a checkpoint that claims to be later only replays more.
+        points = " ".join(f"{math.ceil(at * 1000)}:{seq}" for at, seq in self.checkpoints)
+        return f"{self.connection} {math.floor(self.seen * 1000)} {points}"
+
+    @classmethod
+    def decode(cls, raw: str | bytes | None) -> History | None:
+        if raw is None:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            connection, seen, *points = text.split(" ")
+            checkpoints = []
+            for point in points:
+                at, seq = point.split(":")
+                checkpoints.append((int(at) / 1000, int(seq)))
+            history = cls(connection, int(seen) / 1000, checkpoints)
+        except ValueError:
+            return None
+        return history if checkpoints else None
+
+
+# --------------------------------------------------------------------------
+# The two hooks of the events view
+# --------------------------------------------------------------------------
+
+
+def remembered(
+    request: HttpRequest,
+    client_id: str | None,
+    channels: Mapping[str, str],
+    current: Mapping[str, int],
+) -> dict[str, int]:
+    """Per channel (``channels`` maps channel to audience), the seq this
+    client's stream resumes from; channels without a position worth replaying
+    from are left out, and start at the current seq as before."""
+    tag = tag_for(request, client_id)
+    retention = conf.REPLAY_RETENTION
+    if tag is None or retention <= 0:
+        return {}
+    keys = {channel: key_for(tag, audience) for channel, audience in channels.items()}
+    try:
+        records = _store().load(list(keys.values()))
+    except Exception:
+        _count("positions_failed")
+        logger.exception("verity_django: could not read replay positions; resyncing instead")
+        return {}
+    now = time.time()
+    out: dict[str, int] = {}
+    for channel, key in keys.items():
+        history = History.decode(records.get(key))
+        if history is None or history.seen < now - retention:
+            continue
+        start = history.start(now, conf.REPLAY_MARGIN)
+        # Above the current seq, the storage counts again from 1 (Redis lost
+        # its data): everything it holds now is new to this client.
+        out[channel] = start if start <= current[channel] else 0
+        _count("replays")
+    return out
+
+
+def track(request: HttpRequest, client_id: str | None, starts: Mapping[str, int]) -> Tracker | None:
+    """Start remembering a new connection's position per audience (``starts``
+    maps audience to the seq its hello announces). The new connection takes
+    the positions over, so one the client left without a FIN (still writing
+    into a dead socket) can no longer move them."""
+    tag = tag_for(request, client_id)
+    if tag is None or conf.REPLAY_RETENTION <= 0:
+        return None
+    return Tracker(tag, starts)
+
+
+class Tracker:
+    """One connection's positions, saved in the background."""
+
+    def __init__(self, tag: str, starts: Mapping[str, int]) -> None:
+        now = time.time()
+        self.connection = secrets.token_hex(8)
+        self.histories = {
+            key_for(tag, audience): (audience, History(self.connection, now, [(now, seq)]))
+            for audience, seq in starts.items()
+        }
+        self.saved_at = now
+        self.dirty = set(self.histories)
+        self._save(claim=True)
+
+    def wrote(self, delivered: Mapping[str, int]) -> None:
+        """After each chunk written to the connection: ``delivered`` maps each
+        audience to the last seq written."""
+        now = time.time()
+        margin = conf.REPLAY_MARGIN
+        for key, (audience, history) in self.histories.items():
+            seq = delivered.get(audience)
+            if seq is not None and history.add(now, seq, margin):
+                self.dirty.add(key)
+        since = now - self.saved_at
+        if self.dirty and since >= margin / 2:
+            self._save()
+        elif since >= conf.REPLAY_RETENTION / 4:
+            # Idle: keep the positions fresh (their TTL runs from the last save).
+            self.dirty = set(self.histories)
+            self._save()
+
+    def close(self) -> None:
+        now = time.time()
+        for _, history in self.histories.values():
+            history.seen = now
+        self.dirty = set(self.histories)
+        self._save()
+
+    def _save(self, *, claim: bool = False) -> None:
+        self.saved_at = time.time()
+        ttl = conf.REPLAY_RETENTION
+        for key in self.dirty:
+            history = self.histories[key][1]
+            writer.submit(key, history.encode(), self.connection, claim, ttl)
+        self.dirty = set()
+
+
+async def closing(stream: AsyncIterator[bytes], tracker: Tracker | None) -> AsyncIterator[bytes]:
+    """``stream``, then a last save of the connection's positions when it ends."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+# --------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Save:
+    record: str
+    claim: bool
+    ttl: float
+
+
+class Writer:
+    """One thread per process saves positions, latest first per connection,
+    so that a stream never waits on its storage."""
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str], _Save] = {}
+        self._busy = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> None:
+        with self._cond:
+            previous = self._pending.get((key, connection))
+            # A newer checkpoint must not turn an unsaved claim into a plain save.
+            claim = claim or (previous is not None and previous.claim)
+            self._pending[(key, connection)] = _Save(record, claim, ttl)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="verity-positions", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted position is saved (for tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                batch, self._pending = self._pending, {}
+                self._busy = len(batch)
+            try:
+                self._save_all(batch)
+            finally:
+                with self._cond:
+                    self._busy = 0
+                    self._cond.notify_all()
+
+    def _save_all(self, batch: dict[tuple[str, str], _Save]) -> None:
+        try:
+            store = _store()
+        except Exception:
+            _count("positions_failed")
+            logger.exception("verity_django: no storage to save replay positions in")
+            return
+        for (key, connection), save in batch.items():
+            try:
+                saved = store.save(key, save.record, connection, save.claim, save.ttl)
+            except Exception:
+                _count("positions_failed")
+                logger.exception("verity_django: could not save a replay position")
+                store.recover()
+                continue
+            _count("positions_saved" if saved else "positions_superseded")
+
+
+writer = Writer()
+
+
+class _Store(Protocol):
+    def load(self, keys: list[str]) -> dict[str, str]: ...
+
+    def save(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> bool:
+        """Store ``record``; without ``claim``, only over a record of the same
+        connection (or none). False when another connection owns it."""
+        ...
+
+    def recover(self) -> None: ...
+
+
+def _store() -> _Store:
+    from verity_django.publishing import storage
+    from verity_django.storage import RedisStorage
+
+    found = storage()
+    if isinstance(found, RedisStorage):
+        return _RedisPositions(found.client)
+    return _DatabasePositions()
+
+
+# Writes the record unless, without a claim, another connection owns it.
+_SAVE_SCRIPT = """
+if ARGV[3] == '0' then
+  local current = redis.call('GET', KEYS[1])
+  if current and string.sub(current, 1, string.len(ARGV[2]) + 1) ~= ARGV[2] .. ' ' then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+return 1
+"""
+_scripts: dict[int, Any] = {}
+_scripts_lock = threading.Lock()
+
+
+class _RedisPositions:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def load(self, keys: list[str]) -> dict[str, str]:
+        values = self.client.mget([_REDIS_PREFIX + k for k in keys])
+        return {
+            k: v.decode() if isinstance(v, bytes) else str(v)
+            for k, v in zip(keys, values, strict=True)
+            if v is not None
+        }
+
+    def save(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> bool:
+        with _scripts_lock:
+            script = _scripts.get(id(self.client))
+            if script is None:
+                script = _scripts[id(self.client)] = self.client.register_script(_SAVE_SCRIPT)
+        ttl_ms = max(1, int(ttl * 1000))
+        args = [record, connection, "1" if claim else "0", ttl_ms]
+        return bool(script(keys=[_REDIS_PREFIX + key], args=args, client=self.client))
+
+    def recover(self) -> None:
+        pass  # redis-py reconnects by itself
+
+
+class _DatabasePositions:
+    _last_trim = 0.0
+
+    def load(self, keys: list[str]) -> dict[str, str]:
+        from verity_django.storage import on_reader
+
+        return on_reader(_load_rows, keys)
+
+    def save(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> bool:
+        from django.db import IntegrityError, transaction
+        from django.utils import timezone
+
+        from verity_django.models import ReplayPosition
+
+        now = timezone.now()
+        expires = now + datetime.timedelta(seconds=ttl)
+        rows = ReplayPosition.objects.filter(key=key)
+        if not claim:
+            # Only over this connection's record, or an expired one.
+            rows = rows.filter(record__startswith=connection + " ") | rows.filter(expires__lt=now)
+        saved = bool(rows.update(record=record, expires=expires))
+        if not saved:
+            try:
+                with transaction.atomic():
+                    ReplayPosition.objects.create(key=key, record=record, expires=expires)
+                saved = True
+            except IntegrityError:
+                # Created meanwhile: by another connection unless this one claims.
+                if claim:
+                    saved = bool(
+                        ReplayPosition.objects.filter(key=key).update(
+                            record=record, expires=expires
+                        )
+                    )
+        self._maybe_trim(now)
+        return saved
+
+    def _maybe_trim(self, now: datetime.datetime) -> None:
+        from verity_django.models import ReplayPosition
+
+        clock = time.monotonic()
+        if clock - _DatabasePositions._last_trim < _TRIM_EVERY:
+            return
+        _DatabasePositions._last_trim = clock
+        ReplayPosition.objects.filter(expires__lt=now).delete()
+
+    def recover(self) -> None:
+        from django.db import connections
+
+        # A failed query may leave this long-lived thread's connection unusable.
+        connections.close_all()
+
+
+def _load_rows(keys: list[str]) -> dict[str, str]:
+    from django.utils import timezone
+
+    from verity_django.models import ReplayPosition
+
+    rows = ReplayPosition.objects.filter(key__in=keys, expires__gte=timezone.now())
+    return dict(rows.values_list("key", "record"))
