@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from .conftest import AsgiServerFactory, PushpinFactory
@@ -170,18 +170,22 @@ def cutting_proxy() -> Iterator[Callable[[int], CuttingProxy]]:
 
 
 class Writer:
-    """Alice's other window: every PATCH publishes one envelope to her audience."""
+    """Alice's other window: every PATCH publishes one envelope, to her own
+    audience (a todo) or to ``global`` (a project)."""
 
-    def __init__(self, base_url: str, cookies: httpx.Cookies) -> None:
+    def __init__(self, base_url: str, cookies: httpx.Cookies, *, to_global: bool = False) -> None:
         self.client = httpx.Client(base_url=base_url, cookies=cookies, timeout=15.0)
-        self.audience = f"user-{self.client.get('/api/auth/me/').json()['id']}"
+        me = self.client.get("/api/auth/me/").json()
+        self.audience = "global" if to_global else f"user-{me['id']}"
+        self.url = "/api/projects/1/" if to_global else "/api/todos/1/"
+        self.field = "name" if to_global else "title"
         self.count = 0
 
     def patch(self) -> None:
         self.count += 1
         response = self.client.patch(
-            "/api/todos/1/",
-            json={"title": f"title {self.count}"},
+            self.url,
+            json={self.field: f"change {self.count}"},
             headers={"X-CSRFToken": self.client.cookies["csrftoken"], "X-Client-ID": "writer"},
         )
         assert response.status_code == 200, response.text
@@ -299,6 +303,8 @@ def run_cases(
         max_examples=examples,
         deadline=None,
         database=None,
+        # Real processes: report the first failing case instead of shrinking it.
+        phases=(Phase.explicit, Phase.generate),
         suppress_health_check=list(HealthCheck),
     )
     @given(cases)
@@ -415,7 +421,9 @@ def test_pushpin_replays_from_the_previous_connections_start(
         {"VERITY_GRIP_URL": pushpin.control_url, "VERITY_REPLAY_MARGIN": MARGIN}, port=port
     )
     cookies = login(app.base_url, "alice", "alice-password")
-    writer = Writer(app.base_url, cookies)
+    # Global: Pushpin's recovery requests (link=next) carry no session, and
+    # the events view refuses them a user audience (a known limit, see the report).
+    writer = Writer(app.base_url, cookies, to_global=True)
     pushpin_port = int(pushpin.http_url.rsplit(":", 1)[1].rstrip("/"))
     setup = Setup(cutting_proxy(pushpin_port), pushpin.http_url, writer, cookies)
     try:
