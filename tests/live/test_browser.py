@@ -227,11 +227,11 @@ def test_other_users_window_never_sees_her_todos_or_envelopes(
 
 
 # --------------------------------------------------------------------------
-# 3. Server restart: reconnect, notice the missed seqs, resync
+# 3. Server restart: reconnect, and replay what was missed while away
 # --------------------------------------------------------------------------
 
 
-def test_restart_reconnects_and_resyncs_changes_missed_while_away(
+def test_restart_reconnects_and_replays_changes_missed_while_away(
     asgi_server_factory: AsgiServerFactory, open_window: WindowFactory, login: Login
 ) -> None:
     server = asgi_server_factory()
@@ -243,7 +243,7 @@ def test_restart_reconnects_and_resyncs_changes_missed_while_away(
     b.mark()
 
     # B's reconnects are held in the browser until the changes below are made,
-    # so B must find out about them from the hello of its next connection.
+    # so B must get them from its next connection.
     held = b.hold_event_stream()
     server.restart()
     titles = [unique("Made while B was away"), unique("Also made while B was away")]
@@ -260,14 +260,13 @@ def test_restart_reconnects_and_resyncs_changes_missed_while_away(
 
     held.release()
     b.expect_connection("open")
-    gap = b.entries(via="push", outcome="gap", audience=audience, type="hello")
-    expect(gap).to_have_count(1)
-    expect(gap).to_have_attribute("data-seq", str(tracked + len(titles)))
+    # The server remembered B's position (in the database, across the restart):
+    # the new connection starts there, so no gap and no resync.
     for title in titles:
-        expect(b.row(title)).to_have_count(1)  # after the resync's refetches
-    expect(b.page.locator("#resync-status")).to_have_attribute("data-phase", "done")
-    # The new todos came in by the resync, not as pushed directives.
-    expect(b.entries(via="push", outcome="applied", audience=audience)).to_have_count(0)
+        expect(b.row(title)).to_have_count(1)
+    expect(b.entries(via="push", outcome="applied", audience=audience)).to_have_count(len(titles))
+    expect(b.entries(outcome="gap")).to_have_count(0)
+    assert b.page.evaluate("window.__verity.client.stats.resyncs") == 0
     assert b.seqs()[audience] == tracked + len(titles)
     assert b.marker() == 1  # no reload
 
@@ -423,3 +422,83 @@ def test_next_user_of_a_window_does_not_see_the_previous_users_envelopes(
     expect(window.entries(audience=alice_audience)).to_have_count(0, timeout=1_000)
     expect(window.entries(via="pull")).to_have_count(0, timeout=1_000)
     assert_no_page_errors(window)
+
+
+# --------------------------------------------------------------------------
+# 5. A cut stream replays what it missed, filtered lists included (issue 15)
+# --------------------------------------------------------------------------
+
+FILTERS = {"{}": "", '{"status":"active"}': "?status=active", '{"status":"done"}': "?status=done"}
+
+
+def cached_todo_ids(window: Window) -> dict[str, list[int]]:
+    """The ids of B's cached ``todos`` lists, by params key, as the client holds them."""
+    ids: dict[str, list[int]] = window.page.evaluate(
+        """() => {
+            const cached = window.__verity.client.debug.collections.get("todos") ?? [];
+            return Object.fromEntries([...cached].map(([key, e]) => [key, e.data?.ids ?? null]));
+        }"""
+    )
+    return {key: value for key, value in ids.items() if key in FILTERS}
+
+
+def test_a_cut_stream_replays_and_every_filtered_list_is_right(
+    asgi_server_factory: AsgiServerFactory,
+    open_window: WindowFactory,
+    browser: Browser,
+    login: Login,
+) -> None:
+    import time
+
+    from .proxy import CuttingProxy
+
+    server = asgi_server_factory()
+    proxy = CuttingProxy(server.port)
+    a = open_window(server, "a", ALICE)
+    # B talks to the server through the proxy, so its stream can be cut.
+    b = Window(browser, proxy.base_url, "b")
+    try:
+        b.login(*ALICE)
+        audience = b.user_audience
+        first, second = unique("Goes done while B is away"), unique("Made while B is away")
+        a.create_todo(first)
+        expect(b.row(first)).to_have_count(1)
+        for status in ("active", "done", "all"):
+            b.filter(status)  # B now holds all three lists
+        assert set(cached_todo_ids(b)) == set(FILTERS)
+        b.mark()
+
+        proxy.accepting.clear()
+        assert proxy.cut() >= 1  # B's stream and any idle keep-alive connection
+        b.expect_connection("connecting")
+        a.toggle(first)
+        expect(a.row(first).get_by_test_id("todo-toggle")).to_be_checked()
+        a.create_todo(second)
+        proxy.accepting.set()
+        b.expect_connection("open")
+
+        cookies = login(server.base_url, *ALICE)
+        with api_client(server, cookies) as client:
+            truth = {
+                key: client.get(f"/api/todos/{query}").json()["ids"]
+                for key, query in FILTERS.items()
+            }
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while cached_todo_ids(b) != truth and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cached_todo_ids(b) == truth
+        expect(b.row(second)).to_have_count(1)
+
+        # Replayed, not resynced: no gap, no resync, and the replay is marked.
+        expect(b.entries(via="push", replayed="true", audience=audience).first).to_be_visible()
+        expect(b.entries(outcome="gap")).to_have_count(0)
+        assert b.page.evaluate("window.__verity.client.stats.resyncs") == 0
+        assert b.seqs()[audience] == a.seqs()[audience]
+        assert b.marker() == 1  # no reload
+        assert_no_page_errors(a, b)
+    except BaseException:
+        print(b.report())
+        raise
+    finally:
+        b.close()
+        proxy.close()

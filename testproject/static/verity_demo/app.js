@@ -687,6 +687,7 @@ function addInspectorEntry(entry) {
         type: entry.type,
         ...(entry.seq != null && !Number.isNaN(entry.seq) ? { seq: String(entry.seq) } : {}),
         ...(entry.audience ? { audience: entry.audience } : {}),
+        ...(entry.replayed ? { replayed: "true" } : {}),
       },
     },
     h(
@@ -696,6 +697,7 @@ function addInspectorEntry(entry) {
       h("span", { class: `via via-${entry.via}` }, entry.via),
       entry.type === "hello" && entry.outcome !== "hello" ? h("span", { class: "entry-type" }, "hello") : null,
       entry.seq != null ? h("span", { class: "entry-seq", title: entry.type === "hello" ? "last_seq" : "seq" }, `seq ${entry.seq}`) : null,
+      entry.replayed ? h("span", { class: "entry-type", title: "sent again after a reconnect" }, "replayed") : null,
       entry.audience ? h("span", { class: "entry-audience" }, entry.audience) : null,
       entry.source ? h("span", { class: "entry-source", title: entry.source }, `from ${shortId(entry.source)}`) : null,
       h("time", { class: "entry-time", datetime: new Date(entry.time).toISOString() }, formatTime(entry.time)),
@@ -747,7 +749,7 @@ function renderStats() {
   els.audiences.replaceChildren(
     ...client.audiences.map((a) => h("span", { class: "chip", title: "last seq seen" }, `${a} `, h("b", {}, seqs[a] ?? "–"))),
   );
-  els.clientStats.textContent = `${s.fetches} GETs · ${s.coalesced} coalesced · ${s.applied} applied · ${s.skipped} skipped · ${s.resyncs} resyncs`;
+  els.clientStats.textContent = `${s.fetches} GETs · ${s.coalesced} coalesced · ${s.applied} applied · ${s.skipped} skipped · ${s.resyncs} resyncs · ${s.replayed} replayed`;
 }
 
 // ------------------------------------------------------------ formatting

@@ -117,7 +117,7 @@ export function createVerityClient({
   const collections = new Map();
   /** itemKey -> {name, id, levels: Map(level -> {data, ts, error}), missing, usedAt, directAt} */
   const items = new Map();
-  const stats = { fetches: 0, coalesced: 0, applied: 0, skipped: 0, resyncs: 0 };
+  const stats = { fetches: 0, coalesced: 0, applied: 0, skipped: 0, resyncs: 0, replayed: 0 };
 
   // A counter bumped whenever a `result` is written straight into the cache.
   // A fetch that started before such a write must not overwrite it.
@@ -537,6 +537,9 @@ export function createVerityClient({
 
   // ------------------------------------------------------------------- SSE
   const seqs = new Map(); // audience -> last seq seen
+  // audience -> the seq held before a hello moved the counter down: envelopes
+  // up to it are a replay of what this client may already have applied.
+  const replayUntil = new Map();
   let audiences = [];
   let source = null;
   let wantOpen = false;
@@ -656,7 +659,10 @@ export function createVerityClient({
         detail = last === prev + 1 ? `missed seq ${last} while away` : `missed seq ${prev + 1}…${last} while away`;
         scheduleResync(`hello ${audience} ${prev}→${last}`);
       } else if (last < prev) {
-        detail = `counter reset ${prev}→${last}`;
+        // A server that remembered this client's position replays from there
+        // (or one restarted with memory-only counters).
+        detail = `counter reset ${prev}→${last}; seq ${last + 1}…${prev} may come again`;
+        replayUntil.set(audience, Math.max(prev, replayUntil.get(audience) ?? 0));
       } else {
         detail = "up to date";
       }
@@ -669,7 +675,9 @@ export function createVerityClient({
       return;
     }
     const seq = Number(env.seq);
-    const base = { via: "push", type: "directives", audience, seq, source: env.source ?? null, directives: env.directives ?? [], raw: env };
+    const replayed = seq <= (replayUntil.get(audience) ?? 0);
+    if (replayed) stats.replayed += 1;
+    const base = { via: "push", type: "directives", audience, seq, replayed, source: env.source ?? null, directives: env.directives ?? [], raw: env };
     // Own envelope: dropped before seq bookkeeping, as the Verity client does.
     if (env.source && env.source === clientId) {
       // force_reload_page is never filtered by source, even inside an own envelope.
@@ -703,6 +711,7 @@ export function createVerityClient({
     items.clear();
     inflight.clear();
     seqs.clear();
+    replayUntil.clear();
     emit("change", { kind: "reset" });
   }
 
