@@ -70,6 +70,10 @@ def _f1(quick: bool) -> list[Result]:
     )
 
 
+def _p1(quick: bool) -> list[Result]:
+    return [fanout.run_replay_cost(clients=300 if quick else 1000, rounds=6 if quick else 15)]
+
+
 def _f2(quick: bool) -> list[Result]:
     return [fanout.run_f2(clients=1000 if quick else 10000, rounds=5 if quick else 12)]
 
@@ -84,6 +88,7 @@ BENCHMARKS = [
     Benchmark("W3", _w3),
     Benchmark("W4", _w4),
     Benchmark("F1", _f1),  # also M1
+    Benchmark("P1", _p1),  # F1 and M1 with replay positions on against off
     Benchmark("F2", _f2),
     Benchmark("F3", _f3),
     Benchmark("R1", _r1),
@@ -101,7 +106,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
     parser.add_argument(
-        "--only", default="", help="comma-separated ids to run (W1,W2,W3,W4,F1,F2,F3,R1; M1 is F1)"
+        "--only", default="", help="comma-separated ids to run (W1,W2,W3,W4,F1,P1,F2,F3,R1; M1 is F1)"
     )
     parser.add_argument(
         "--no-listener",

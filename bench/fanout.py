@@ -21,7 +21,13 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from bench.harness import BenchAsgiServer, python_json, run_bench_module, sqlite_database
+from bench.harness import (
+    BenchAsgiServer,
+    login,
+    python_json,
+    run_bench_module,
+    sqlite_database,
+)
 from bench.report import Result, median, percentile
 from tests.live.servers import Pushpin, free_port, session_members
 
@@ -42,6 +48,7 @@ def _sse_load(
     concurrency: int = 50,
     gap: float = 0.5,
     timeout: float = 600,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     stdout = run_bench_module(
         "bench.sse_load",
@@ -67,6 +74,7 @@ def _sse_load(
         str(concurrency),
         "--gap",
         str(gap),
+        *extra,
         timeout=timeout,
     )
     out: dict[str, Any] = python_json(stdout)
@@ -270,4 +278,58 @@ def run_f2(*, clients: int, rounds: int) -> Result:
             else "Pushpin RSS not measured",
         ],
         details={"raw": raw, "verity": verity, "load": out},
+    )
+
+
+def run_replay_cost(*, clients: int, rounds: int) -> Result:
+    """R1: F1 and M1 with replay positions tracked against not, same run.
+
+    Every client is logged in and has a client id of its own, so with
+    tracking on the server keeps one position per connection; with
+    ``REPLAY_RETENTION = 0`` it keeps none. Two servers, started one after the
+    other with the same load; verity publishes only.
+    """
+    measured: dict[str, dict[str, Any]] = {}
+    for tracking, retention in (("off", "0"), ("on", "300")):
+        with (
+            sqlite_database() as db,
+            BenchAsgiServer(
+                env={"VERITY_SQLITE_PATH": str(db), "VERITY_REPLAY_RETENTION": retention}
+            ) as server,
+        ):
+            with login(server.base_url) as client:
+                cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+            out = _sse_load(
+                port=server.port,
+                path="/api/events?audience=global",
+                clients=clients,
+                publish_port=server.port,
+                rounds=rounds,
+                modes=("verity",),
+                rss_pids=[server.pid],
+                extra=("--cookie", cookie, "--client-ids"),
+            )
+        measured[tracking] = {**_by_mode(out, "verity"), "load": out}
+    off, on = measured["off"], measured["on"]
+    ratio = on["all_p50_ms"] / off["all_p50_ms"]
+    per_off = float(off["load"].get("rss_per_connection_kib", float("nan")))
+    per_on = float(on["load"].get("rss_per_connection_kib", float("nan")))
+    return Result(
+        id="R1",
+        what=(
+            f"replay positions: F1 p50 with tracking on vs off ({clients:,} logged-in "
+            "clients, a client id each)"
+        ),
+        unit="ms",
+        baseline=off["all_p50_ms"],
+        verity=on["all_p50_ms"],
+        ratio=ratio,
+        target="ratio ≤ 1.10, M1 +≤ 4 KiB",
+        passed=ratio <= 1.10 and per_on - per_off <= 4,
+        notes=[
+            f"p99: on {on['all_p99_ms']:.0f} ms, off {off['all_p99_ms']:.0f} ms",
+            f"M1: on {per_on:.1f} KiB, off {per_off:.1f} KiB per connection",
+            f"off: {_connected_note(off['load'])}; on: {_connected_note(on['load'])}",
+        ],
+        details=measured,
     )

@@ -146,6 +146,10 @@ class Options:
     gap: float
     channel: str
     ready: bytes
+    # A logged-in session and a client id per connection: what the server
+    # remembers replay positions for (the replay-cost row).
+    cookie: str = ""
+    client_ids: bool = False
 
 
 async def connect_many(
@@ -153,10 +157,18 @@ async def connect_many(
 ) -> tuple[list[SseClient], dict[str, int], float]:
     """Open ``count`` streams, at most ``concurrency`` at a time, within ``budget`` seconds."""
     loop = asyncio.get_running_loop()
-    request = (
-        f"GET {options.path} HTTP/1.1\r\nHost: {options.host}:{options.port}\r\n"
-        "Accept: text/event-stream\r\nUser-Agent: verity-bench\r\n\r\n"
-    ).encode()
+    numbers = iter(range(1 << 30))
+
+    def request() -> bytes:
+        path = options.path
+        if options.client_ids:
+            path += f"&client_id=bench-{next(numbers)}-{id(shared)}"
+        cookie = f"Cookie: {options.cookie}\r\n" if options.cookie else ""
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: {options.host}:{options.port}\r\n{cookie}"
+            "Accept: text/event-stream\r\nUser-Agent: verity-bench\r\n\r\n"
+        ).encode()
+
     semaphore = asyncio.Semaphore(options.concurrency)
     connected: list[SseClient] = []
     errors: dict[str, int] = {}
@@ -172,7 +184,7 @@ async def connect_many(
                 try:
                     _, protocol = await asyncio.wait_for(
                         loop.create_connection(
-                            lambda: SseClient(shared, request, options.ready),
+                            lambda: SseClient(shared, request(), options.ready),
                             options.host,
                             options.port,
                         ),
@@ -300,6 +312,8 @@ def main() -> None:
         default="hello",
         help="what makes a client count as connected (django-eventstream's view sends no hello)",
     )
+    parser.add_argument("--cookie", default="", help="a Cookie header value for every client")
+    parser.add_argument("--client-ids", action="store_true", help="a client_id per connection")
     args = parser.parse_args()
     options = Options(
         host=args.host,
@@ -316,6 +330,8 @@ def main() -> None:
         gap=args.gap,
         channel=args.channel,
         ready=HELLO if args.ready == "hello" else STREAM_OPEN,
+        cookie=args.cookie,
+        client_ids=args.client_ids,
     )
     print(json.dumps(asyncio.run(run(options))))
 
