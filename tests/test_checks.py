@@ -37,6 +37,8 @@ def test_project_settings_pass() -> None:
         ({"COLLAPSE_THRESHOLD": 0}, "verity_django.E005"),
         ({"POLL_INTERVAL": 30}, "verity_django.E006"),
         ({"POLL_INTERVAL": True}, "verity_django.E003"),
+        ({"REPLAY_RETENTION": -1}, "verity_django.E008"),
+        ({"REPLAY_MARGIN": 0}, "verity_django.E009"),
         ({"AUTHORIZE": 3}, "verity_django.E003"),
     ],
 )
