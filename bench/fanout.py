@@ -81,14 +81,14 @@ def _sse_load(
     return out
 
 
-def _by_mode(out: dict[str, Any], mode: str) -> dict[str, Any]:
+def _by_mode(out: dict[str, Any], mode: str, warmup: int = WARMUP_ROUNDS) -> dict[str, Any]:
     """Statistics of one mode's rounds, warm-up rounds dropped.
 
     ``all`` is the latency until every client had the envelope (the round's
     maximum); ``p50``/``p99`` are taken over rounds. ``client`` pools the
     per-client p50 of each round.
     """
-    rounds = [r for r in out["rounds"] if r["mode"] == mode][WARMUP_ROUNDS:]
+    rounds = [r for r in out["rounds"] if r["mode"] == mode][warmup:]
     complete = [r for r in rounds if r["received"] == r["expected"]]
     every = [r["max"] for r in complete]
     return {
@@ -289,16 +289,22 @@ def run_replay_cost(*, clients: int, rounds: int) -> Result:
     ``REPLAY_RETENTION = 0`` it keeps none. Two servers, started one after the
     other with the same load; verity publishes only.
     """
-    measured: dict[str, dict[str, Any]] = {}
-    for tracking, retention in (("off", "0"), ("on", "300")):
+    loads: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    # off, on, on, off: a machine that gets busier or quieter during the run
+    # weighs on both sides alike.
+    for tracking in ("off", "on", "on", "off"):
+        retention = "300" if tracking == "on" else "0"
         with (
             sqlite_database() as db,
             BenchAsgiServer(
                 env={"VERITY_SQLITE_PATH": str(db), "VERITY_REPLAY_RETENTION": retention}
             ) as server,
         ):
-            with login(server.base_url) as client:
+            client = login(server.base_url)
+            try:
                 cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+            finally:
+                client.close()
             out = _sse_load(
                 port=server.port,
                 path="/api/events?audience=global",
@@ -309,11 +315,11 @@ def run_replay_cost(*, clients: int, rounds: int) -> Result:
                 rss_pids=[server.pid],
                 extra=("--cookie", cookie, "--client-ids"),
             )
-        measured[tracking] = {**_by_mode(out, "verity"), "load": out}
+        loads[tracking].append(out)
+    measured = {tracking: _pooled(outs) for tracking, outs in loads.items()}
     off, on = measured["off"], measured["on"]
     ratio = on["all_p50_ms"] / off["all_p50_ms"]
-    per_off = float(off["load"].get("rss_per_connection_kib", float("nan")))
-    per_on = float(on["load"].get("rss_per_connection_kib", float("nan")))
+    per_off, per_on = off["rss_per_connection_kib"], on["rss_per_connection_kib"]
     return Result(
         id="R1",
         what=(
@@ -329,7 +335,19 @@ def run_replay_cost(*, clients: int, rounds: int) -> Result:
         notes=[
             f"p99: on {on['all_p99_ms']:.0f} ms, off {off['all_p99_ms']:.0f} ms",
             f"M1: on {per_on:.1f} KiB, off {per_off:.1f} KiB per connection",
-            f"off: {_connected_note(off['load'])}; on: {_connected_note(on['load'])}",
+            "; ".join(_connected_note(out) for outs in loads.values() for out in outs),
         ],
-        details=measured,
+        details={"pooled": measured, "loads": loads},
     )
+
+
+def _pooled(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One setting's statistics over its runs: rounds pooled, M1 as the median."""
+    pooled = {"rounds": [r for out in outs for r in _kept_rounds(out, "verity")]}
+    stats = _by_mode({"rounds": pooled["rounds"]}, "verity", warmup=0)
+    per = [float(out.get("rss_per_connection_kib", float("nan"))) for out in outs]
+    return {**stats, "rss_per_connection_kib": median(per)}
+
+
+def _kept_rounds(out: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    return [r for r in out["rounds"] if r["mode"] == mode][WARMUP_ROUNDS:]

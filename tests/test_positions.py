@@ -4,6 +4,7 @@ the events view's reconnect in process (DatabaseStorage)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -144,6 +145,8 @@ async def publish(n: int, prefix: str) -> None:
 
 async def close(stream: Any) -> None:
     await stream.aclose()
+    # The stream's last save runs when its generator is finalized.
+    gc.collect()
     await sync_to_async(positions.writer.flush)()
 
 
