@@ -29,7 +29,7 @@ per audience before it asks for a position, on every connect.
 Positions live with the storage in use: a Redis key with a TTL under
 ``RedisStorage``, a row of ``ReplayPosition`` under ``DatabaseStorage``. A
 stream never waits on them: its checkpoints are saved by one writer thread per
-process, at most once per ``REPLAY_MARGIN / 2`` seconds per connection and
+process, at most once per ``REPLAY_MARGIN`` seconds per connection and
 audience while envelopes flow, once per ``REPLAY_RETENTION / 4`` while it is
 idle, and once when it ends.
 """
@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import random
 import secrets
 import threading
 import time
@@ -202,9 +203,11 @@ class Tracker:
             key_for(tag, audience): (audience, History(self.connection, now, [(now, seq)]))
             for audience, seq in starts.items()
         }
-        self.saved_at = now
         self.dirty = set(self.histories)
         self._save(claim=True)
+        # Connections opened together would otherwise save together, every
+        # margin, in one burst that competes with the envelopes they stream.
+        self.saved_at = now - random.random() * conf.REPLAY_MARGIN
 
     def wrote(self, delivered: Mapping[str, int]) -> None:
         """After each chunk written to the connection: ``delivered`` maps each
@@ -216,7 +219,7 @@ class Tracker:
             if seq is not None and history.add(now, seq, margin):
                 self.dirty.add(key)
         since = now - self.saved_at
-        if self.dirty and since >= margin / 2:
+        if self.dirty and since >= margin:
             self._save()
         elif since >= conf.REPLAY_RETENTION / 4:
             # Idle: keep the positions fresh (their TTL runs from the last save).
