@@ -227,14 +227,18 @@ async def test_anonymous_without_a_session_and_replay_off_are_not_tracked(alice:
     assert positions.counters.positions_saved == saved
 
 
+def save(store: Any, key: str, record: str, connection: str, claim: bool, ttl: float) -> bool:
+    return bool(store.save_many([positions.Save(key, record, connection, claim, ttl)]) == 1)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_superseded_connection_cannot_move_the_position() -> None:
     store = positions._DatabasePositions()
-    assert store.save("t:global", "old 1 1:5", "old", True, 60)
-    assert store.save("t:global", "new 2 2:3", "new", True, 60)
-    assert not store.save("t:global", "old 3 3:9", "old", False, 60)
+    assert save(store, "t:global", "old 1 1:5", "old", True, 60)
+    assert save(store, "t:global", "new 2 2:3", "new", True, 60)
+    assert not save(store, "t:global", "old 3 3:9", "old", False, 60)
     assert store.load(["t:global"]) == {"t:global": "new 2 2:3"}
-    assert store.save("t:global", "new 4 4:4", "new", False, 60)
+    assert save(store, "t:global", "new 4 4:4", "new", False, 60)
     assert store.load(["t:global", "t:other"]) == {"t:global": "new 4 4:4"}
 
 
@@ -243,13 +247,13 @@ def test_expired_positions_are_not_read_and_are_trimmed() -> None:
     from verity_django.models import ReplayPosition
 
     store = positions._DatabasePositions()
-    assert store.save("t:a", "c 1 1:1", "c", True, -1)
+    assert save(store, "t:a", "c 1 1:1", "c", True, -1)
     assert store.load(["t:a"]) == {}
     # An expired record belongs to nobody: any connection may write over it.
-    assert store.save("t:a", "d 1 1:2", "d", False, 60)
+    assert save(store, "t:a", "d 1 1:2", "d", False, 60)
     positions._DatabasePositions._last_trim = 0.0
-    assert store.save("t:b", "c 1 1:1", "c", True, -1)
-    store.save("t:c", "c 1 1:1", "c", True, 60)
+    assert save(store, "t:b", "c 1 1:1", "c", True, -1)
+    save(store, "t:c", "c 1 1:1", "c", True, 60)
     positions._DatabasePositions._last_trim = 0.0
     store._maybe_trim(store_now())
     assert set(ReplayPosition.objects.values_list("key", flat=True)) == {"t:a", "t:c"}
@@ -265,9 +269,9 @@ def test_the_writer_keeps_a_claim_when_a_newer_checkpoint_replaces_it() -> None:
     saved: list[tuple[str, str, str, bool]] = []
 
     class Store:
-        def save(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> bool:
-            saved.append((key, record, connection, claim))
-            return True
+        def save_many(self, saves: list[positions.Save]) -> int:
+            saved.extend((x.key, x.record, x.connection, x.claim) for x in saves)
+            return len(saves)
 
         def load(self, keys: list[str]) -> dict[str, str]:
             return {}
@@ -280,7 +284,7 @@ def test_the_writer_keeps_a_claim_when_a_newer_checkpoint_replaces_it() -> None:
     positions._store = Store
     try:
         with writer._cond:  # hold the thread off until both are queued
-            writer._pending[("k", "c")] = positions._Save("first", True, 1.0)
+            writer._pending[("k", "c")] = positions.Save("k", "first", "c", True, 1.0)
         writer.submit("k", "second", "c", False, 1.0)
         assert writer.flush()
     finally:

@@ -258,8 +258,10 @@ async def closing(stream: AsyncIterator[bytes], tracker: Tracker | None) -> Asyn
 
 
 @dataclass(frozen=True)
-class _Save:
+class Save:
+    key: str
     record: str
+    connection: str
     claim: bool
     ttl: float
 
@@ -269,7 +271,7 @@ class Writer:
     so that a stream never waits on its storage."""
 
     def __init__(self) -> None:
-        self._pending: dict[tuple[str, str], _Save] = {}
+        self._pending: dict[tuple[str, str], Save] = {}
         self._busy = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -279,7 +281,7 @@ class Writer:
             previous = self._pending.get((key, connection))
             # A newer checkpoint must not turn an unsaved claim into a plain save.
             claim = claim or (previous is not None and previous.claim)
-            self._pending[(key, connection)] = _Save(record, claim, ttl)
+            self._pending[(key, connection)] = Save(key, record, connection, claim, ttl)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="verity-positions", daemon=True
@@ -312,22 +314,22 @@ class Writer:
                     self._busy = 0
                     self._cond.notify_all()
 
-    def _save_all(self, batch: dict[tuple[str, str], _Save]) -> None:
+    def _save_all(self, batch: dict[tuple[str, str], Save]) -> None:
+        store: _Store | None = None
         try:
             store = _store()
+            # One round trip (Redis) or one statement and commit (database)
+            # for the whole pass: saves arrive together, while envelopes fan out.
+            saved = store.save_many(list(batch.values()))
         except Exception:
             _count("positions_failed")
-            logger.exception("verity_django: no storage to save replay positions in")
-            return
-        for (key, connection), save in batch.items():
-            try:
-                saved = store.save(key, save.record, connection, save.claim, save.ttl)
-            except Exception:
-                _count("positions_failed")
-                logger.exception("verity_django: could not save a replay position")
+            logger.exception("verity_django: could not save %d replay position(s)", len(batch))
+            if store is not None:
                 store.recover()
-                continue
-            _count("positions_saved" if saved else "positions_superseded")
+            return
+        with _counters_lock:
+            counters.positions_saved += saved
+            counters.positions_superseded += len(batch) - saved
 
 
 writer = Writer()
@@ -336,9 +338,10 @@ writer = Writer()
 class _Store(Protocol):
     def load(self, keys: list[str]) -> dict[str, str]: ...
 
-    def save(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> bool:
-        """Store ``record``; without ``claim``, only over a record of the same
-        connection (or none). False when another connection owns it."""
+    def save_many(self, saves: list[Save]) -> int:
+        """Store each record; without ``claim``, only over a record of the same
+        connection (or an expired one, or none). How many were stored: the
+        others belong to a newer connection."""
         ...
 
     def recover(self) -> None: ...
@@ -381,14 +384,17 @@ class _RedisPositions:
             if v is not None
         }
 
-    def save(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> bool:
+    def save_many(self, saves: list[Save]) -> int:
         with _scripts_lock:
             script = _scripts.get(id(self.client))
             if script is None:
                 script = _scripts[id(self.client)] = self.client.register_script(_SAVE_SCRIPT)
-        ttl_ms = max(1, int(ttl * 1000))
-        args = [record, connection, "1" if claim else "0", ttl_ms]
-        return bool(script(keys=[_REDIS_PREFIX + key], args=args, client=self.client))
+        pipe = self.client.pipeline(transaction=False)
+        for save in saves:
+            ttl_ms = max(1, int(save.ttl * 1000))
+            args = [save.record, save.connection, "1" if save.claim else "0", ttl_ms]
+            script(keys=[_REDIS_PREFIX + save.key], args=args, client=pipe)
+        return sum(1 for stored in pipe.execute() if stored)
 
     def recover(self) -> None:
         pass  # redis-py reconnects by itself
@@ -402,34 +408,47 @@ class _DatabasePositions:
 
         return on_reader(_load_rows, keys)
 
-    def save(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> bool:
-        from django.db import IntegrityError, transaction
+    def save_many(self, saves: list[Save]) -> int:
+        from django.db import connections, router, transaction
         from django.utils import timezone
 
         from verity_django.models import ReplayPosition
 
+        db = router.db_for_write(ReplayPosition)
+        connection = connections[db]
+        meta = ReplayPosition._meta
+        quote = connection.ops.quote_name
+        table = quote(meta.db_table)
+        key, record, expires = (quote(column) for column in ("key", "record", "expires"))
+        # One upsert per position, conditional on who owns the row: SQLite
+        # (3.24+) and PostgreSQL spell it the same way.
+        sql = (
+            f"INSERT INTO {table} ({key}, {record}, {expires}) VALUES (%s, %s, %s) "
+            f"ON CONFLICT ({key}) DO UPDATE SET {record} = excluded.{record}, "
+            f"{expires} = excluded.{expires} "
+            f"WHERE %s OR {table}.{record} LIKE %s OR {table}.{expires} < %s"
+        )
         now = timezone.now()
-        expires = now + datetime.timedelta(seconds=ttl)
-        rows = ReplayPosition.objects.filter(key=key)
-        if not claim:
-            # Only over this connection's record, or an expired one.
-            rows = rows.filter(record__startswith=connection + " ") | rows.filter(expires__lt=now)
-        saved = bool(rows.update(record=record, expires=expires))
-        if not saved:
-            try:
-                with transaction.atomic():
-                    ReplayPosition.objects.create(key=key, record=record, expires=expires)
-                saved = True
-            except IntegrityError:
-                # Created meanwhile: by another connection unless this one claims.
-                if claim:
-                    saved = bool(
-                        ReplayPosition.objects.filter(key=key).update(
-                            record=record, expires=expires
-                        )
-                    )
+        field = meta.get_field("expires")
+        prepared_now = field.get_db_prep_value(now, connection)
+        rows = [
+            (
+                save.key,
+                save.record,
+                field.get_db_prep_value(now + datetime.timedelta(seconds=save.ttl), connection),
+                save.claim,
+                save.connection + " %",
+                prepared_now,
+            )
+            for save in saves
+        ]
+        stored = 0
+        with transaction.atomic(using=db), connection.cursor() as cursor:
+            for row in rows:
+                cursor.execute(sql, row)
+                stored += max(cursor.rowcount, 0)
         self._maybe_trim(now)
-        return saved
+        return stored
 
     def _maybe_trim(self, now: datetime.datetime) -> None:
         from verity_django.models import ReplayPosition
