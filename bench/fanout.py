@@ -282,7 +282,7 @@ def run_f2(*, clients: int, rounds: int) -> Result:
 
 
 def run_replay_cost(*, clients: int, rounds: int) -> Result:
-    """R1: F1 and M1 with replay positions tracked against not, same run.
+    """P1: F1 and M1 with replay positions tracked against not, same run.
 
     Every client is logged in and has a client id of its own, so with
     tracking on the server keeps one position per connection; with
@@ -321,7 +321,7 @@ def run_replay_cost(*, clients: int, rounds: int) -> Result:
     ratio = on["all_p50_ms"] / off["all_p50_ms"]
     per_off, per_on = off["rss_per_connection_kib"], on["rss_per_connection_kib"]
     return Result(
-        id="R1",
+        id="P1",
         what=(
             f"replay positions: F1 p50 with tracking on vs off ({clients:,} logged-in "
             "clients, a client id each)"
