@@ -1,12 +1,13 @@
-"""Just enough REST API for the pull-path tests: todos, projects, and a CSRF cookie."""
+"""Just enough REST API for the tests: todos, projects, a CSRF cookie and logout."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth import logout
 from django.db.models import QuerySet
 from django.views.decorators.csrf import ensure_csrf_cookie
-from rest_framework import serializers, viewsets
+from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import api_view
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -50,3 +51,9 @@ class ProjectViewSet(viewsets.ModelViewSet[Project]):
 def me(request: Request) -> Response:
     user: Any = request.user
     return Response({"id": user.pk, "username": user.username})
+
+
+@api_view(["POST"])
+def logout_view(request: Request) -> Response:
+    logout(request._request)
+    return Response(status=status.HTTP_204_NO_CONTENT)

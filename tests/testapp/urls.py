@@ -10,6 +10,7 @@ router.register("projects", api.ProjectViewSet, basename="project")
 
 urlpatterns = [
     path("api/auth/me/", api.me, name="me"),
+    path("api/auth/logout/", api.logout_view, name="logout"),
     path("api/events", events, name="events"),
     path("api/events/", events),
     path("api/", include(router.urls)),
