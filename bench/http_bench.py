@@ -243,9 +243,7 @@ def run_save_many(sizes: Sizes, rows: int = 200) -> Result:
         measure(baseline, verity, save_many, sizes)
         after = _stats(verity.client, channel)
         requests = verity.requests - 1
-        published = (
-            after["counters"]["envelopes_published"] - before["counters"]["envelopes_published"]
-        )
+        published = after["counters"]["published"] - before["counters"]["published"]
         stored = after["seq"][channel] - before["seq"][channel]
         result = summarize(
             "W4",

@@ -8,7 +8,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
 from django.db import transaction
@@ -110,9 +109,9 @@ def _tailer_skip(channel: str, seq: int) -> None:
     only exists because the benchmark mixes raw sends into a verity server,
     and that would land inside the raw baseline's measurement.
     """
-    from verity_django import delivery
+    from verity_django import tailer as tailers
 
-    tailer = delivery._tailer
+    tailer = tailers._tailer
     if tailer is None or tailer.loop.is_closed():
         return
 
@@ -126,11 +125,12 @@ def _tailer_skip(channel: str, seq: int) -> None:
 @require_GET
 def stats(request: HttpRequest) -> HttpResponseBase:
     """Publishing counters and the storage's current seq of ``?channel=`` channels."""
-    from verity_django.publishing import counters, storage
+    from verity_django.publishing import counters
+    from verity_django.storage import configured
 
     channels = request.GET.getlist("channel")
-    seqs: dict[str, Any] = dict(storage().get_current_ids(channels)) if channels else {}
-    return JsonResponse({"counters": asdict(counters), "seq": seqs})
+    seqs: dict[str, Any] = dict(configured().get_current_ids(channels)) if channels else {}
+    return JsonResponse({"counters": counters.as_dict(), "seq": seqs})
 
 
 async def _idle_stream() -> AsyncIterator[bytes]:
