@@ -85,7 +85,7 @@ def publish(request: HttpRequest, mode: str) -> HttpResponseBase:
     if mode == "raw":
         from django_eventstream import send_event
 
-        from verity_django.publishing import storage
+        from verity_django.storage import configured as storage
 
         with _raw_lock:
             seq = storage().get_current_id(PUBLISH_CHANNEL) + 1
