@@ -32,6 +32,20 @@ def _w1(quick: bool) -> list[Result]:
     return [http_bench.run_patch("W1", redis=False, sizes=_http_sizes(quick))]
 
 
+def _w1h(quick: bool) -> list[Result]:
+    return [http_bench.run_handwritten(_http_sizes(quick))]
+
+
+def _w5(quick: bool) -> list[Result]:
+    requests, repetitions = (10, 3) if quick else (25, 5)
+    return [
+        http_bench.run_concurrent(
+            postgres=postgres, clients=8, requests=requests, repetitions=repetitions
+        )
+        for postgres in (False, True)
+    ]
+
+
 def _w2(quick: bool) -> list[Result]:
     return [http_bench.run_patch("W2", redis=True, sizes=_http_sizes(quick))]
 
@@ -80,9 +94,11 @@ def _f3(quick: bool) -> list[Result]:
 
 BENCHMARKS = [
     Benchmark("W1", _w1),
+    Benchmark("W1h", _w1h),
     Benchmark("W2", _w2),
     Benchmark("W3", _w3),
     Benchmark("W4", _w4),
+    Benchmark("W5", _w5),
     Benchmark("F1", _f1),  # also M1
     Benchmark("F2", _f2),
     Benchmark("F3", _f3),

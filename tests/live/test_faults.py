@@ -1012,6 +1012,7 @@ async def test_idle_stream_does_not_pin_its_last_chunk() -> None:
             content(),
             "",
             {"verity.global": 0},
+            {"verity.global": 0},
             {"verity.global": "global"},
             None,
             use_tailer=False,
