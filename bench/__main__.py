@@ -117,7 +117,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
     parser.add_argument(
-        "--only", default="", help="comma-separated ids to run (W1,W2,W3,W4,F1,F2,F3,R1; M1 is F1)"
+        "--only",
+        default="",
+        help="comma-separated ids to run (W1,W1h,W2,W3,W4,W5,F1,F2,F3,R1; M1 is F1)",
     )
     parser.add_argument(
         "--no-listener",
@@ -136,7 +138,7 @@ def main() -> int:
     results: list[Result] = []
     failed: list[str] = []
     for bench in BENCHMARKS:
-        if wanted and bench.id not in wanted:
+        if wanted and bench.id.upper() not in wanted:
             continue
         started = time.monotonic()
         load = os.getloadavg()[0]

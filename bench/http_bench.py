@@ -220,6 +220,12 @@ def run_patch(result_id: str, *, redis: bool, sizes: Sizes) -> Result:
             envelopes_per_request=1,
         )
         result.details["directives_per_patch"] = directives
+        counters = _checked(verity.client.get("/bench/stats/")).json()["counters"]
+        result.details["publisher"] = counters
+        result.notes.append(
+            f"commit → stored lag p50 {counters['store_lag_p50'] * 1000:.2f} ms, "
+            f"p99 {counters['store_lag_p99'] * 1000:.2f} ms"
+        )
         return result
 
 

@@ -633,6 +633,8 @@ def test_oversized_result_is_dropped_and_logged(
     [pulled] = [x for x in response.json()["directives"] if x["op"] == "refresh_item"]
     [envelope] = envelopes_by_channel()[f"verity.user-{alice.pk}"]
     [pushed] = [x for x in envelope["directives"] if x["op"] == "refresh_item"]
+    # Only the pull copy names the requesting client.
+    assert pulled.pop("source") == "client-a"
     assert pulled == pushed
     if size < limit:
         assert pulled["result"]["data"] == {"blob": "x" * size}

@@ -18,11 +18,11 @@ its hello announces. It then wraps django-eventstream's stream to:
   (``clients.tag_for``): an id copied from another page matches nothing.
 
 Only this view's own parameters reach django-eventstream. ``channel`` and
-``channels`` are ignored (the audiences decide the channels). ``es-meta``,
-``link`` and ``recover`` belong to a GRIP proxy's next-link and recovery
-requests, and are honoured only on a request the proxy signed with the
-configured GRIP key; anywhere else they are ignored, as are ``Grip-Last``
-values that are not seqs.
+``channels`` are ignored (the audiences decide the channels). ``es-meta``
+(a token that names the user and the channels) counts only on a request the
+GRIP proxy signed with the configured key; ``link`` and ``recover`` (the
+proxy's paging and recovery) count only on a request that came through the
+proxy; ``Grip-Last`` values that are not seqs are ignored.
 
 :func:`_starts` is where each stream's starting seq per channel is decided,
 and :class:`_Connection` is where every envelope of one connection passes.
@@ -162,7 +162,15 @@ def _keep_only_own_parameters(request: HttpRequest) -> bool:
     grip = getattr(request, "grip", None)
     proxied = grip_configured() and grip is not None and bool(grip.proxied)
     signed = proxied and bool(getattr(grip, "signed", False))
-    hidden = _CHANNEL_PARAMS if signed else _CHANNEL_PARAMS + _PROXY_PARAMS
+    hidden: tuple[str, ...]
+    if signed:
+        hidden = _CHANNEL_PARAMS
+    elif proxied:
+        # Without a GRIP key anyone can claim to be the proxy: its paging and
+        # recovery still work, but no token may choose the user or channels.
+        hidden = (*_CHANNEL_PARAMS, "es-meta")
+    else:
+        hidden = _CHANNEL_PARAMS + _PROXY_PARAMS
     if any(name in request.GET for name in hidden):
         params = request.GET.copy()
         for name in hidden:
