@@ -332,8 +332,9 @@ class _Publisher:
             if self.publishing.acquire(blocking=False):
                 self._publish_then_release(until=None)
             else:
-                # Someone else publishes; it hands back what it leaves.
-                time.sleep(_BACKOFF_FIRST)
+                # Someone else publishes; it wakes this thread for what it leaves.
+                with self.lock:
+                    self.wake.wait(_BACKOFF_FIRST)
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
