@@ -190,7 +190,8 @@ def publish_now(audience: str, items: Sequence[d.Directive]) -> Published:
             f"not published within {conf.FLUSH_TIMEOUT} s "
             f"({counters.depth} envelope(s) still wait): {pending.error}"
         )
-    assert pending.event is not None
+    if pending.event is None:
+        raise RuntimeError(f"not published: {pending.error}")
     return Published(audience, int(pending.event.id), envelopes.public(pending.event.data))
 
 
@@ -233,7 +234,8 @@ class _Publisher:
         self.queue: collections.deque[_Pending] = collections.deque()
         # Seqs to skip per audience, for envelopes that were dropped.
         self.lost: dict[str, int] = {}
-        # Whoever holds this publishes; nobody ever waits for it.
+        # Whoever holds this publishes. Requests never wait for it; only
+        # flush() does, within its timeout.
         self.publishing = threading.Lock()
         # The breaker: open from a failed step until a retry succeeds.
         self.healthy = True
