@@ -243,3 +243,38 @@ async def test_other_processes_envelopes_arrive_under_steady_local_traffic(alice
         local.set()
         pump.join()
     await stream.aclose()
+
+
+async def test_the_tailer_asks_storage_every_poll_interval_however_many_offers_arrive(
+    monkeypatch: Any,
+) -> None:
+    from django_eventstream.event import Event
+
+    from verity_django import tailer as tailers
+
+    tailer = tailers.Tailer(asyncio.get_running_loop())
+    tailer.positions = {"verity.local": 0, "verity.elsewhere": 0}
+    polls: list[float] = []
+    clock = [0.0]
+
+    async def channels_behind() -> set[str]:
+        polls.append(clock[0])
+        return set()
+
+    def dispatch(channel: str, events: list[Event]) -> None:
+        tailer.positions[channel] = int(events[-1].id)
+
+    monkeypatch.setattr(tailer, "_channels_behind", channels_behind)
+    monkeypatch.setattr(tailer, "_dispatch", dispatch)
+    monkeypatch.setattr(
+        tailers.Tailer, "_active_channels", staticmethod(lambda: set(tailer.positions))
+    )
+    monkeypatch.setattr(tailers.time, "monotonic", lambda: clock[0])
+    # One second of a local envelope every 10 ms on one channel: storage must
+    # still be asked about the other one every POLL_INTERVAL (0.25 s).
+    for seq in range(1, 101):
+        tailer._offer("verity.local", Event("verity.local", "message", "{}", id=seq))
+        await tailer._step()
+        clock[0] += 0.01
+    assert len(polls) >= 3
+    assert tailer.positions["verity.local"] == 100
