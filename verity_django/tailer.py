@@ -82,8 +82,12 @@ class Tailer:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that lands as the wake-up does, and this task would
+            # then outlive its event loop's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=conf.POLL_INTERVAL)
+                async with asyncio.timeout(conf.POLL_INTERVAL):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._step()
