@@ -21,7 +21,7 @@ from verity_django import publishing
 from verity_django.audiences import channel_for
 from verity_django.batching import Batch
 from verity_django.publishing import counters, publish_now
-from verity_django.rules import BoundRule, RefreshCollection, Routed, evaluate
+from verity_django.rules import Routed
 from verity_django.signals import envelope_published
 from verity_django.storage import Append, configured
 
@@ -180,16 +180,6 @@ def test_an_unencodable_envelope_is_dropped_and_later_ones_go_out(db: Any, caplo
         configured().get_events("verity.global", 0)
     [later] = configured().get_events("verity.global", 1)
     assert [x["name"] for x in json.loads(later.data)["directives"]] == ["projects"]
-
-
-def test_a_nan_params_value_is_refused_where_the_directive_is_made(caplog: Any) -> None:
-    bound = BoundRule(RefreshCollection("scores", params=["score"]), attnames={"score": "score"})
-    with caplog.at_level(logging.ERROR, logger="verity_django.rules"):
-        made = [x for x, _ in evaluate(bound, "update", {"score": 1.0}, {"score": float("nan")})]
-    assert [x.to_dict() for x in made] == [{"op": "refresh_collection", "name": "scores"}]
-    assert "RefreshCollection('scores')" in caplog.text
-    assert "'score'=nan" in caplog.text
-    d.dumps([x.to_dict() for x in made])  # and the pull copy encodes
 
 
 @override_settings(VERITY={"BACKLOG_LIMIT": 2})
