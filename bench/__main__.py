@@ -32,6 +32,20 @@ def _w1(quick: bool) -> list[Result]:
     return [http_bench.run_patch("W1", redis=False, sizes=_http_sizes(quick))]
 
 
+def _w1h(quick: bool) -> list[Result]:
+    return [http_bench.run_handwritten(_http_sizes(quick))]
+
+
+def _w5(quick: bool) -> list[Result]:
+    requests, repetitions = (10, 3) if quick else (25, 5)
+    return [
+        http_bench.run_concurrent(
+            postgres=postgres, clients=8, requests=requests, repetitions=repetitions
+        )
+        for postgres in (False, True)
+    ]
+
+
 def _w2(quick: bool) -> list[Result]:
     return [http_bench.run_patch("W2", redis=True, sizes=_http_sizes(quick))]
 
@@ -84,9 +98,11 @@ def _f3(quick: bool) -> list[Result]:
 
 BENCHMARKS = [
     Benchmark("W1", _w1),
+    Benchmark("W1h", _w1h),
     Benchmark("W2", _w2),
     Benchmark("W3", _w3),
     Benchmark("W4", _w4),
+    Benchmark("W5", _w5),
     Benchmark("F1", _f1),  # also M1
     Benchmark("P1", _p1),  # F1 and M1 with replay positions on against off
     Benchmark("F2", _f2),
@@ -108,7 +124,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated ids to run (W1,W2,W3,W4,F1,P1,F2,F3,R1; M1 is F1)",
+        help="comma-separated ids to run (W1,W1h,W2,W3,W4,W5,F1,P1,F2,F3,R1; M1 is F1)",
     )
     parser.add_argument(
         "--no-listener",
@@ -127,7 +143,7 @@ def main() -> int:
     results: list[Result] = []
     failed: list[str] = []
     for bench in BENCHMARKS:
-        if wanted and bench.id not in wanted:
+        if wanted and bench.id.upper() not in wanted:
             continue
         started = time.monotonic()
         load = os.getloadavg()[0]

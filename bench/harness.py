@@ -47,6 +47,11 @@ def bench_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a bench process: bench settings, DEBUG off, ``env`` on top."""
     merged = child_env({"DJANGO_DEBUG": "0", **(env or {})})
     merged["DJANGO_SETTINGS_MODULE"] = BENCH_SETTINGS
+    # BENCH_PUBLISH_INLINE=0 runs every bench server with the publisher
+    # thread only (the A/B of docs/reliability.md's design choice).
+    inline = os.environ.get("BENCH_PUBLISH_INLINE")
+    if inline is not None:
+        merged["VERITY_PUBLISH_INLINE"] = inline
     return merged
 
 

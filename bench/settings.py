@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 
 from testproject.settings import *  # noqa: F403
+from testproject.settings import VERITY
+
+VERITY = {**VERITY, "PUBLISH_INLINE": os.environ.get("VERITY_PUBLISH_INLINE", "1") == "1"}
 
 # The rows measure the demo without `result` unless a row asks for it (R1).
 DEMO_TODO_RESULT = os.environ.get("VERITY_DEMO_RESULT", "0") == "1"

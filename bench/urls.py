@@ -9,6 +9,10 @@ from testproject.urls import urlpatterns as demo_urlpatterns
 
 urlpatterns = [
     path("bench/save-many/", views.save_many),
+    path(
+        "bench/handwritten/todos/<int:pk>/",
+        views.HandwrittenTodoViewSet.as_view({"patch": "partial_update"}),
+    ),
     path("bench/publish/<str:mode>/", views.publish),
     path("bench/stats/", views.stats),
     path("bench/raw-events", views.raw_events),

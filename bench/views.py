@@ -8,7 +8,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
 from django.db import transaction
@@ -19,7 +18,9 @@ from rest_framework.decorators import api_view
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from testproject.todos.api import TodoViewSet
 from testproject.todos.models import Project, Todo
+from testproject.todos.serializers import TodoSerializer
 
 # F1/F2 publish to the audience every anonymous SSE client may read.
 PUBLISH_CHANNEL = "verity.global"
@@ -86,7 +87,7 @@ def publish(request: HttpRequest, mode: str) -> HttpResponseBase:
     if mode == "raw":
         from django_eventstream import send_event
 
-        from verity_django.publishing import storage
+        from verity_django.storage import configured as storage
 
         with _raw_lock:
             seq = storage().get_current_id(PUBLISH_CHANNEL) + 1
@@ -110,9 +111,9 @@ def _tailer_skip(channel: str, seq: int) -> None:
     only exists because the benchmark mixes raw sends into a verity server,
     and that would land inside the raw baseline's measurement.
     """
-    from verity_django import delivery
+    from verity_django import tailer as tailers
 
-    tailer = delivery._tailer
+    tailer = tailers._tailer
     if tailer is None or tailer.loop.is_closed():
         return
 
@@ -126,11 +127,12 @@ def _tailer_skip(channel: str, seq: int) -> None:
 @require_GET
 def stats(request: HttpRequest) -> HttpResponseBase:
     """Publishing counters and the storage's current seq of ``?channel=`` channels."""
-    from verity_django.publishing import counters, storage
+    from verity_django.publishing import counters
+    from verity_django.storage import configured
 
     channels = request.GET.getlist("channel")
-    seqs: dict[str, Any] = dict(storage().get_current_ids(channels)) if channels else {}
-    return JsonResponse({"counters": asdict(counters), "seq": seqs})
+    seqs: dict[str, Any] = dict(configured().get_current_ids(channels)) if channels else {}
+    return JsonResponse({"counters": counters.as_dict(), "seq": seqs})
 
 
 async def _idle_stream() -> AsyncIterator[bytes]:
@@ -152,3 +154,56 @@ def raw_events(request: HttpRequest) -> HttpResponseBase:
 
     response: HttpResponseBase = events(request, channels=[PUBLISH_CHANNEL])
     return response
+
+
+class HandwrittenTodoViewSet(TodoViewSet):
+    """W1h: the demo's todo endpoint on a server with verity off, computing the
+    same directives by hand and sending them with django_eventstream's
+    ``send_event`` on the same storage, as a hand-rolled server does."""
+
+    def perform_update(self, serializer: TodoSerializer) -> None:  # type: ignore[override]
+        assert serializer.instance is not None
+        old_status = serializer.instance.status
+        todo = serializer.save()
+        now = int(time.time() * 1000)
+        source = self.request.headers.get("X-Client-ID")
+
+        def stamped(op: str, name: str, **fields: Any) -> dict[str, Any]:
+            key = uuid.uuid4().hex
+            return {"op": op, "name": name, **fields, "idempotency_key": key, "timestamp": now}
+
+        by_status = [{"status": old_status}, {"status": todo.status}]
+        self.directives = [
+            stamped("refresh_item", "todo", id=todo.pk),
+            *(stamped("refresh_collection", "todos", params=p) for p in by_status),
+            stamped("refresh_collection", "todos", params={"project": todo.project_id}),
+            stamped("refresh_item", "project", id=todo.project_id),
+        ]
+        for directive in self.directives:
+            directive["source"] = source
+        from django_eventstream import send_event
+
+        from verity_django.storage import configured
+
+        channel = f"verity.user-{todo.owner_id}"
+        with _raw_lock:
+            seq = configured().get_current_id(channel) + 1
+            envelope = {
+                "type": "directives",
+                "seq": seq,
+                "audience": f"user-{todo.owner_id}",
+                "directives": self.directives,
+            }
+            send_event(
+                channel,
+                "message",
+                json.dumps(envelope, separators=(",", ":")),
+                json_encode=False,
+                async_publish=False,
+            )
+            _tailer_skip(channel, seq)
+
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        response = super().partial_update(request, *args, **kwargs)
+        response.data = {**response.data, "directives": self.directives}
+        return response

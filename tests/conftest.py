@@ -28,7 +28,7 @@ def _no_retries_across_tests() -> Any:
     from verity_django import publishing
 
     yield
-    publishing._retry.clear()
+    publishing.reset()
 
 
 @pytest.fixture

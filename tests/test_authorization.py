@@ -40,8 +40,8 @@ from tests.conftest import DIRECTIVE_HEADERS as _DIRECTIVE_HEADERS
 from tests.testapp.models import Project, Todo
 from verity_django import registry
 from verity_django.audiences import can_read, default_authorize, is_valid_audience
-from verity_django.publishing import storage
 from verity_django.rules import RefreshItem
+from verity_django.storage import configured
 
 DIRECTIVE_HEADERS: dict[str, Any] = dict(_DIRECTIVE_HEADERS)
 
@@ -349,7 +349,7 @@ def envelopes_by_channel() -> dict[str, list[dict[str, Any]]]:
 
     out: dict[str, list[dict[str, Any]]] = {}
     for channel in EventCounter.objects.values_list("name", flat=True):
-        out[channel] = [json.loads(e.data) for e in storage().get_events(channel, 0, 10_000)]
+        out[channel] = [json.loads(e.data) for e in configured().get_events(channel, 0, 10_000)]
     return out
 
 
@@ -633,6 +633,8 @@ def test_oversized_result_is_dropped_and_logged(
     [pulled] = [x for x in response.json()["directives"] if x["op"] == "refresh_item"]
     [envelope] = envelopes_by_channel()[f"verity.user-{alice.pk}"]
     [pushed] = [x for x in envelope["directives"] if x["op"] == "refresh_item"]
+    # Only the pull copy names the requesting client.
+    assert pulled.pop("source") == "client-a"
     assert pulled == pushed
     if size < limit:
         assert pulled["result"]["data"] == {"blob": "x" * size}

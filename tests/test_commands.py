@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from verity_django import publishing
 from verity_django.audiences import channel_for
+from verity_django.storage import configured
 
 
 def run(*args: str) -> str:
@@ -18,7 +18,7 @@ def run(*args: str) -> str:
 
 
 def envelopes(audience: str) -> list[dict[str, Any]]:
-    return [json.loads(e.data) for e in publishing.storage().get_events(channel_for(audience), 0)]
+    return [json.loads(e.data) for e in configured().get_events(channel_for(audience), 0)]
 
 
 def test_force_reload_defaults_to_global_and_prints_key_and_seq(db: Any) -> None:
@@ -103,3 +103,28 @@ def test_tail_prints_stored_envelopes(db: Any) -> None:
 def test_tail_rejects_bad_audience(db: Any) -> None:
     with pytest.raises(CommandError, match="invalid audience"):
         run("verity_tail", "--audience", "a b", "--timeout", "0")
+
+
+def test_tail_keeps_its_position_after_a_gap(db: Any) -> None:
+    from django_eventstream.models import Event as EventRow
+
+    for name in "abc":
+        run("verity_emit", f'{{"op":"refresh_collection","name":"{name}"}}')
+    # Seq 1 and 2 were trimmed: the tail goes on from 3 and prints each later
+    # envelope once, instead of re-reading from the current seq on every poll.
+    EventRow.objects.filter(eid__lt=3).delete()
+    err = StringIO()
+    out = StringIO()
+    call_command(
+        "verity_tail",
+        "--since",
+        "0",
+        "--timeout",
+        "1",
+        "--interval",
+        "0.05",
+        stdout=out,
+        stderr=err,
+    )
+    assert "no longer stored" in err.getvalue()
+    assert out.getvalue() == ""  # 3 is the current seq: nothing after it yet

@@ -273,7 +273,7 @@ def test_result_over_the_size_cap_is_dropped_and_logged(
 def envelopes_by_channel() -> dict[str, list[dict[str, Any]]]:
     from django_eventstream.models import EventCounter
 
-    from verity_django.publishing import storage
+    from verity_django.storage import configured as storage
 
     out: dict[str, list[dict[str, Any]]] = {}
     for channel in EventCounter.objects.values_list("name", flat=True):

@@ -535,7 +535,7 @@ def no_storage_or_authorization() -> Iterator[dict[str, int]]:
         return True
 
     with (
-        mock.patch("verity_django.publishing.storage", count_storage),
+        mock.patch("verity_django.views.configured", count_storage),
         override_settings(VERITY={"AUTHORIZE": count_authorize}),
     ):
         yield counts

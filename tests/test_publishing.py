@@ -1,32 +1,40 @@
-"""Envelopes, seq, and publishing failures."""
+"""Envelopes, seq, and the publisher: steps, retries, the breaker, the backlog."""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 from django.test import override_settings
+from django_eventstream.event import Event
 from rest_framework.test import APIClient
 
+import verity_django
 from tests.conftest import DIRECTIVE_HEADERS
 from tests.testapp.models import Todo
 from verity_django import directives as d
 from verity_django import publishing
 from verity_django.audiences import channel_for
-from verity_django.publishing import publish_or_raise
+from verity_django.batching import Batch
+from verity_django.publishing import counters, publish_now
+from verity_django.rules import Routed
+from verity_django.signals import envelope_published
+from verity_django.storage import Append, configured
 
 
 def stored(audience: str) -> list[dict[str, Any]]:
-    events = publishing.storage().get_events(channel_for(audience), 0)
+    events = configured().get_events(channel_for(audience), 0)
     return [json.loads(e.data) | {"_id": e.id} for e in events]
 
 
 def test_envelope_shape_and_contiguous_seq_per_audience(db: Any) -> None:
     for _ in range(3):
-        publish_or_raise("user-1", [d.refresh_collection("todos")], source="c1")
-    publish_or_raise("global", [d.refresh_item("todo", 1)])
+        publish_now("user-1", [d.refresh_collection("todos", source="c1")])
+    publish_now("global", [d.refresh_item("todo", 1)])
     envelopes = stored("user-1")
     assert [e["seq"] for e in envelopes] == [1, 2, 3]
     assert [e["_id"] for e in envelopes] == [1, 2, 3]
@@ -34,50 +42,217 @@ def test_envelope_shape_and_contiguous_seq_per_audience(db: Any) -> None:
         "type": "directives",
         "seq": 1,
         "audience": "user-1",
-        "source": "c1",
         "directives": [{"op": "refresh_collection", "name": "todos"}],
         "_id": 1,
     }
     assert [e["seq"] for e in stored("global")] == [1]
 
 
-def test_force_reload_envelope_never_carries_a_source(db: Any) -> None:
-    publish_or_raise("global", [d.force_reload_page(idempotency_key="k")], source="c1")
-    [envelope] = stored("global")
+def test_a_request_stores_its_origin_tag_and_pushes_no_source(api: APIClient, todo: Todo) -> None:
+    response = api.patch(
+        f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", **DIRECTIVE_HEADERS
+    )
+    pulled = response.json()["directives"]
+    assert {x["source"] for x in pulled} == {"client-a"}  # the pull copy keeps it
+    event = configured().get_events(channel_for(f"user-{todo.owner_id}"), 0)[-1]
+    envelope = json.loads(event.data)
+    assert len(envelope.pop("origin")) == 32
     assert "source" not in envelope
+    assert all("source" not in x for x in envelope["directives"])
+    # The echo is harmless without a rewrite: the same keys as the pull copy.
+    keys = {x["idempotency_key"] for x in envelope["directives"]}
+    assert keys == {x["idempotency_key"] for x in pulled}
 
 
 def test_replay_after_a_seq(db: Any) -> None:
     for i in range(5):
-        publish_or_raise("global", [d.refresh_item("todo", i)])
-    events = publishing.storage().get_events(channel_for("global"), 3)
+        publish_now("global", [d.refresh_item("todo", i)])
+    events = configured().get_events(channel_for("global"), 3)
     assert [json.loads(e.data)["seq"] for e in events] == [4, 5]
 
 
-def test_publish_failure_never_fails_the_request(
-    api: APIClient, todo: Todo, monkeypatch: Any, caplog: Any
-) -> None:
-    class Broken:
-        def append_sequenced(self, *args: Any) -> Any:
-            raise ConnectionError("storage is down")
+class FlakyStorage:
+    """The real storage behind a switch: ``fail`` appends raise."""
 
-    monkeypatch.setattr(publishing, "storage", lambda: Broken())
-    before = publishing.counters.envelopes_failed
+    def __init__(self) -> None:
+        self.real = configured()
+        self.fail = 0
+        self.appends: list[str] = []
+
+    def append_many(self, event_type: str, appends: Sequence[Append]) -> list[Any]:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("storage is down")
+        self.appends.extend(x.channel for x in appends)
+        return self.real.append_many(event_type, appends)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def flaky(db: Any, monkeypatch: Any) -> FlakyStorage:
+    storage = FlakyStorage()
+    monkeypatch.setattr(publishing, "configured", lambda: storage)
+    return storage
+
+
+def test_publish_failure_never_fails_the_request_and_retries_in_order(
+    api: APIClient, todo: Todo, flaky: FlakyStorage, caplog: Any
+) -> None:
+    flaky.fail = 1
+    before = counters.failed
     with caplog.at_level(logging.ERROR, logger="verity_django.publishing"):
         response = api.patch(
             f"/api/todos/{todo.pk}/", {"title": "x"}, format="json", **DIRECTIVE_HEADERS
         )
     assert response.status_code == 200
     assert len(response.json()["directives"]) == 4
-    assert publishing.counters.envelopes_failed == before + 1
-    assert "could not publish 4 directive(s) to audience 'user-" in caplog.text
+    assert counters.failed == before + 1
+    assert counters.depth == 1 and counters.breaker_open
+    assert "could not store an envelope for audience 'user-" in caplog.text
     assert "storage is down" in caplog.text
-    # Once storage is back, the waiting envelope goes out first, in order.
-    monkeypatch.undo()
+    # Storage is back: the waiting envelope goes out first, in order.
     api.patch(f"/api/todos/{todo.pk}/", {"title": "y"}, format="json", **DIRECTIVE_HEADERS)
-    envelopes = stored(f"user-{todo.owner_id}")
-    assert [e["seq"] for e in envelopes][-2:] == [2, 3]
-    assert len(envelopes[-2]["directives"]) == 4
+    envelopes = stored(f"user-{todo.owner_id}")[-2:]
+    assert [e["seq"] for e in envelopes] == [2, 3]
+    assert [len(e["directives"]) for e in envelopes] == [4, 4]
+    assert counters.depth == 0 and not counters.breaker_open
+
+
+def test_a_receiver_that_raises_once_leaves_exactly_one_stored_copy(
+    flaky: FlakyStorage, caplog: Any
+) -> None:
+    calls: list[int] = []
+
+    def explode(sender: Any, seq: int, **kwargs: Any) -> None:
+        calls.append(seq)
+        if len(calls) == 1:
+            raise RuntimeError("receiver bug")
+
+    envelope_published.connect(explode, dispatch_uid="explode")
+    errors = counters.receiver_errors
+    try:
+        with caplog.at_level(logging.ERROR, logger="verity_django.publishing"):
+            verity_django.emit(d.refresh_collection("todos"))
+            verity_django.emit(d.refresh_collection("projects"))
+    finally:
+        envelope_published.disconnect(dispatch_uid="explode")
+    assert [e["seq"] for e in stored("global")] == [1, 2]
+    assert flaky.appends == ["verity.global", "verity.global"]
+    assert calls == [1, 2]
+    assert counters.receiver_errors == errors + 1
+    assert "receiver bug" in caplog.text
+
+
+def test_emit_from_a_receiver_publishes_without_deadlock(db: Any) -> None:
+    def chain(sender: Any, audience: str, seq: int, **kwargs: Any) -> None:
+        if audience == "global":
+            verity_django.emit(d.refresh_collection("audit"), "user-1")
+
+    envelope_published.connect(chain, dispatch_uid="chain")
+    try:
+        done = threading.Event()
+
+        def work() -> None:
+            verity_django.emit(d.refresh_collection("todos"))
+            done.set()
+
+        # In this thread, inside the test's transaction, as a TestCase does.
+        work()
+    finally:
+        envelope_published.disconnect(dispatch_uid="chain")
+    assert done.is_set()
+    assert [e["directives"][0]["name"] for e in stored("user-1")] == ["audit"]
+
+
+def test_an_unencodable_envelope_is_dropped_and_later_ones_go_out(db: Any, caplog: Any) -> None:
+    poison = d.Directive.trusted(op="refresh_collection", name="todos", params={"x": float("nan")})
+    dropped = counters.dropped
+    with caplog.at_level(logging.ERROR, logger="verity_django.publishing"):
+        verity_django.emit(poison)
+        verity_django.emit(d.refresh_collection("projects"))
+    assert counters.dropped == dropped + 1
+    assert "dropped an envelope for audience 'global': it cannot be encoded" in caplog.text
+    # The dropped envelope's seq is skipped: readers see a gap and resync.
+    assert configured().get_current_ids(["verity.global"]) == {"verity.global": 2}
+    with pytest.raises(Exception, match="no longer stores event 1"):
+        configured().get_events("verity.global", 0)
+    [later] = configured().get_events("verity.global", 1)
+    assert [x["name"] for x in json.loads(later.data)["directives"]] == ["projects"]
+
+
+@override_settings(VERITY={"BACKLOG_LIMIT": 2})
+def test_a_full_backlog_drops_the_oldest_and_readers_see_the_gap(
+    flaky: FlakyStorage, caplog: Any
+) -> None:
+    flaky.fail = 100
+    dropped = counters.dropped
+    with caplog.at_level(logging.ERROR, logger="verity_django.publishing"):
+        for name in ("a", "b", "c", "d"):
+            verity_django.emit(d.refresh_collection(name))
+    assert counters.dropped == dropped + 2
+    assert counters.depth == 2
+    assert "the backlog holds 2" in caplog.text
+    flaky.fail = 0
+    assert publishing.flush(timeout=5)
+    current = configured().get_current_ids(["verity.global"])["verity.global"]
+    assert current == 4
+    kept = [json.loads(e.data) for e in configured().get_events("verity.global", 2)]
+    assert [(e["seq"], e["directives"][0]["name"]) for e in kept] == [(3, "c"), (4, "d")]
+
+
+def _batch(audience: str, name: str) -> Batch:
+    batch = Batch()
+    batch.add([Routed(d.refresh_collection(name), frozenset({audience}))])
+    return batch
+
+
+class BlockingStorage:
+    """Appends wait until released, as on a transport that stopped answering."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.stored: list[str] = []
+        self.seq = 0
+
+    def append_many(self, event_type: str, appends: Sequence[Append]) -> list[Any]:
+        self.entered.set()
+        self.release.wait(10)
+        out = []
+        for item in appends:
+            self.seq += 1
+            self.stored.append(item.channel)
+            out.append(
+                Event(item.channel, event_type, f"{item.head}{self.seq}{item.tail}", self.seq)
+            )
+        return out
+
+    publishes_to_listeners = True
+
+
+@pytest.fixture
+def blocking(monkeypatch: Any) -> Iterator[BlockingStorage]:
+    storage = BlockingStorage()
+    monkeypatch.setattr(publishing, "configured", lambda: storage)
+    yield storage
+    storage.release.set()
+    assert publishing.flush(timeout=5)
+
+
+def test_a_second_request_never_queues_behind_a_stuck_publish(blocking: BlockingStorage) -> None:
+    first = threading.Thread(target=publishing.deliver, args=(_batch("global", "a"),))
+    first.start()
+    assert blocking.entered.wait(5)
+    # The first is stuck inside the storage; the second hands its envelope
+    # over and returns without waiting.
+    publishing.deliver(_batch("global", "b"))
+    assert counters.depth == 2
+    blocking.release.set()
+    first.join(5)
+    assert publishing.flush(timeout=5)
+    assert blocking.stored == ["verity.global", "verity.global"]
 
 
 def test_push_can_be_switched_off(api: APIClient, todo: Todo) -> None:
@@ -107,3 +282,8 @@ def test_rolled_back_request_consumes_no_seq(alice: Any) -> None:
         raise RuntimeError
     Project.objects.create(name="y", owner=alice)
     assert [e["seq"] for e in stored("global")] == [1]
+
+
+def test_counters_describe_the_backlog() -> None:
+    snapshot = counters.as_dict()
+    assert set(snapshot) >= {"depth", "oldest_age", "published", "failed", "dropped", "retried"}

@@ -41,7 +41,8 @@ from hypothesis import strategies as st
 import verity_django
 from verity_django import directives as d
 from verity_django import revocation
-from verity_django.publishing import publish_or_raise, storage
+from verity_django.publishing import publish_now
+from verity_django.storage import configured as storage
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.anyio]
 
@@ -122,7 +123,7 @@ def record_elsewhere(
 
 
 async def publish(audience: str, name: str) -> None:
-    await sync_to_async(publish_or_raise)(audience, [d.refresh_collection(name)])
+    await sync_to_async(publish_now)(audience, [d.refresh_collection(name)])
 
 
 async def test_a_revocation_recorded_elsewhere_cuts_the_stream(alice: Any, bob: Any) -> None:

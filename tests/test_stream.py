@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +14,9 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient, override_settings
 
 from verity_django import directives as d
-from verity_django.publishing import publish_or_raise
+from verity_django import envelopes
+from verity_django.publishing import publish_now
+from verity_django.storage import Append, DatabaseStorage, configured
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.anyio]
 
@@ -55,7 +59,7 @@ async def open_stream(user: Any, query: str) -> Any:
 async def test_hello_then_envelopes_in_seq_order(alice: Any) -> None:
     audience = f"user-{alice.pk}"
     for _ in range(3):
-        await sync_to_async(publish_or_raise)(audience, [d.refresh_item("todo", 1)])
+        await sync_to_async(publish_now)(audience, [d.refresh_item("todo", 1)])
     response = await open_stream(alice, f"audience={audience}&audience=global")
     stream = response.streaming_content
     hellos = await messages(stream, 2)
@@ -63,34 +67,62 @@ async def test_hello_then_envelopes_in_seq_order(alice: Any) -> None:
         {"type": "hello", "audience": audience, "last_seq": 3},
         {"type": "hello", "audience": "global", "last_seq": 0},
     ]
-    await sync_to_async(publish_or_raise)(audience, [d.refresh_collection("todos")], source="x")
+    await sync_to_async(publish_now)(audience, [d.refresh_collection("todos")])
     [envelope] = await messages(stream, 1)
     assert envelope == {
         "type": "directives",
         "seq": 4,
         "audience": audience,
-        "source": "x",
         "directives": [{"op": "refresh_collection", "name": "todos"}],
     }
     await stream.aclose()
 
 
-async def test_own_envelope_arrives_empty_with_the_same_seq(alice: Any) -> None:
-    response = await open_stream(alice, "client_id=me")
+def patch_as(user: Any, client_id: str, todo_id: int) -> None:
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_login(user)
+    response = api.patch(
+        f"/api/todos/{todo_id}/",
+        {"title": client_id},
+        format="json",
+        HTTP_X_VERITY_DIRECTIVE_REQUEST="send me directives",
+        HTTP_X_CLIENT_ID=client_id,
+    )
+    assert response.status_code == 200
+
+
+async def test_own_envelope_arrives_empty_and_a_borrowed_id_blanks_nothing(
+    alice: Any, bob: Any
+) -> None:
+    from tests.testapp.models import Project, Todo
+
+    project = await Project.objects.acreate(name="p", owner=alice)
+    todo = await Todo.objects.acreate(title="t", owner=alice, project=project)
+    audience = f"user-{alice.pk}"
+    response = await open_stream(alice, f"audience={audience}&client_id=me")
     stream = response.streaming_content
-    assert await messages(stream, 1) == [{"type": "hello", "audience": "global", "last_seq": 0}]
-    await sync_to_async(publish_or_raise)("global", [d.refresh_collection("a")], source="me")
-    await sync_to_async(publish_or_raise)("global", [d.refresh_collection("b")], source="other")
+    [hello] = await messages(stream, 1)
+    # Alice's own page, then Bob presenting Alice's client id (he may edit
+    # her todo here: the demo only filters what he sees).
+    await sync_to_async(patch_as)(alice, "me", todo.pk)
+    await sync_to_async(patch_as)(alice, "other-page", todo.pk)
     own, foreign = await messages(stream, 2)
-    assert own == {"type": "directives", "seq": 1, "audience": "global", "directives": []}
-    assert foreign["seq"] == 2
-    assert foreign["directives"] == [{"op": "refresh_collection", "name": "b"}]
+    assert own == {
+        "type": "directives",
+        "seq": hello["last_seq"] + 1,
+        "audience": audience,
+        "directives": [],
+    }
+    assert foreign["seq"] == hello["last_seq"] + 2
+    assert foreign["directives"] and "origin" not in foreign and "source" not in foreign
     await stream.aclose()
 
 
 async def test_last_event_id_replays_for_plain_eventsource(alice: Any) -> None:
     for name in ("a", "b", "c"):
-        await sync_to_async(publish_or_raise)("global", [d.refresh_collection(name)])
+        await sync_to_async(publish_now)("global", [d.refresh_collection(name)])
     client = AsyncClient()
     response = await client.get("/api/events", headers={"Last-Event-ID": "verity.global:1"})
     stream = response.streaming_content
@@ -117,7 +149,7 @@ async def test_revoking_access_cuts_a_live_stream(alice: Any) -> None:
         await sync_to_async(channel_permission_changed)(alice, "verity.team-a")
         [error] = await messages(stream, 1)
         assert error["stream-error"]["condition"] == "forbidden"
-        await sync_to_async(publish_or_raise)(audience, [d.refresh_collection("secret")])
+        await sync_to_async(publish_now)(audience, [d.refresh_collection("secret")])
         rest = await messages(stream, 100)
     # django-eventstream re-checks permission and repeats the error, then the stream ends.
     assert rest
@@ -141,3 +173,108 @@ async def test_global_can_require_authentication(db: Any) -> None:
     allowed = await client.get("/api/events")
     assert allowed.status_code == 200
     await allowed.streaming_content.aclose()
+
+
+async def test_a_rewinding_last_event_id_never_moves_the_tailer_back(
+    alice: Any, monkeypatch: Any
+) -> None:
+    from verity_django.tailer import tailer
+
+    for name in "abcdef":
+        await sync_to_async(publish_now)("global", [d.refresh_collection(name)])
+    first = await open_stream(alice, "")
+    first_stream = first.streaming_content
+    [hello] = await messages(first_stream, 1)
+    assert hello["last_seq"] == 6
+    assert tailer().positions["verity.global"] == 6
+    reads: list[tuple[str, int]] = []
+    original = DatabaseStorage.get_events
+
+    def counted(self: Any, channel: str, last_id: int, limit: int = 100) -> Any:
+        reads.append((channel, last_id))
+        return original(self, channel, last_id, limit)
+
+    monkeypatch.setattr(DatabaseStorage, "get_events", counted)
+    client = AsyncClient()
+    rewound = await client.get("/api/events", headers={"Last-Event-ID": "verity.global:1"})
+    replay = rewound.streaming_content
+    got = await messages(replay, 6)
+    assert [m.get("seq", m.get("last_seq")) for m in got] == [1, 2, 3, 4, 5, 6]
+    # The rewinding stream read its own range once; the tailer did not move,
+    # so no other stream was handed (or re-read) any history.
+    assert tailer().positions["verity.global"] == 6
+    assert reads == [("verity.global", 1)]
+    await sync_to_async(publish_now)("global", [d.refresh_collection("g")])
+    [next_one] = await messages(first_stream, 1)
+    assert next_one["seq"] == 7
+    await replay.aclose()
+    await first_stream.aclose()
+
+
+async def test_other_processes_envelopes_arrive_under_steady_local_traffic(alice: Any) -> None:
+    mine = f"user-{alice.pk}"
+    response = await open_stream(alice, f"audience=global&audience={mine}")
+    stream = response.streaming_content
+    await messages(stream, 2)
+    local = threading.Event()
+
+    def traffic() -> None:
+        # Local envelopes on another channel, far more often than POLL_INTERVAL.
+        while not local.is_set():
+            publish_now(mine, [d.refresh_collection("local")])
+            time.sleep(0.01)
+
+    pump = threading.Thread(target=traffic)
+    pump.start()
+    try:
+        await asyncio.sleep(0.3)
+        # Stored as another process stores it: no offer reaches this tailer.
+        head, tail = envelopes.parts("global", [d.refresh_collection("elsewhere")], None)
+        await sync_to_async(configured().append_many)(
+            "message", [Append("verity.global", head, tail)]
+        )
+        buffer = ""
+        async with asyncio.timeout(5):
+            async for chunk in stream:
+                buffer += chunk.decode()
+                if '"name":"elsewhere"' in buffer:
+                    break
+    finally:
+        local.set()
+        pump.join()
+    await stream.aclose()
+
+
+async def test_the_tailer_asks_storage_every_poll_interval_however_many_offers_arrive(
+    monkeypatch: Any,
+) -> None:
+    from django_eventstream.event import Event
+
+    from verity_django import tailer as tailers
+
+    tailer = tailers.Tailer(asyncio.get_running_loop())
+    tailer.positions = {"verity.local": 0, "verity.elsewhere": 0}
+    polls: list[float] = []
+    clock = [0.0]
+
+    async def channels_behind() -> set[str]:
+        polls.append(clock[0])
+        return set()
+
+    def dispatch(channel: str, events: list[Event]) -> None:
+        tailer.positions[channel] = int(events[-1].id)
+
+    monkeypatch.setattr(tailer, "_channels_behind", channels_behind)
+    monkeypatch.setattr(tailer, "_dispatch", dispatch)
+    monkeypatch.setattr(
+        tailers.Tailer, "_active_channels", staticmethod(lambda: set(tailer.positions))
+    )
+    monkeypatch.setattr(tailers.time, "monotonic", lambda: clock[0])
+    # One second of a local envelope every 10 ms on one channel: storage must
+    # still be asked about the other one every POLL_INTERVAL (0.25 s).
+    for seq in range(1, 101):
+        tailer._offer("verity.local", Event("verity.local", "message", "{}", id=seq))
+        await tailer._step()
+        clock[0] += 0.01
+    assert len(polls) >= 3
+    assert tailer.positions["verity.local"] == 100

@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 from django.test import Client
 
+from verity_django import directives as d
+from verity_django import envelopes
 from verity_django.views import _Connection
+
+MINE = "a" * envelopes.TAG_LENGTH
+OTHER = "b" * envelopes.TAG_LENGTH
 
 
 @pytest.fixture
@@ -72,13 +77,9 @@ def test_post_is_not_allowed(client: Client) -> None:
     assert client.post("/api/events").status_code == 405
 
 
-def envelope(seq: int, source: str | None = None, audience: str = "global") -> str:
-    data: dict[str, Any] = {"type": "directives", "seq": seq, "audience": audience}
-    if source is not None:
-        data["source"] = source
-    data["directives"] = [{"op": "refresh_collection", "name": "todos"}]
-    text = json.dumps(data, separators=(",", ":"))
-    return f"event: message\nid: verity.{audience}:{seq}\ndata: {text}\n\n"
+def envelope(seq: int, origin: str | None = None, audience: str = "global") -> str:
+    head, tail = envelopes.parts(audience, [d.refresh_collection("todos")], origin)
+    return f"event: message\nid: verity.{audience}:{seq}\ndata: {head}{seq}{tail}\n\n"
 
 
 def test_rewrite_drops_envelopes_already_delivered() -> None:
@@ -89,16 +90,51 @@ def test_rewrite_drops_envelopes_already_delivered() -> None:
 
 
 def test_rewrite_turns_own_envelope_into_an_empty_one_with_the_same_seq() -> None:
-    connection = _Connection({"global": 0}, "me")
-    out = asyncio.run(connection.rewrite(envelope(1, source="me") + envelope(2, source="other")))
+    connection = _Connection({"global": 0}, MINE)
+    out = asyncio.run(connection.rewrite(envelope(1, MINE) + envelope(2, OTHER) + envelope(3)))
     datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
     assert datas[0] == {"type": "directives", "seq": 1, "audience": "global", "directives": []}
-    assert datas[1]["source"] == "other"
+    # Nobody is ever shown an origin tag, nor a source.
+    todos = [{"op": "refresh_collection", "name": "todos"}]
+    assert datas[1:] == [
+        {"type": "directives", "seq": 2, "audience": "global", "directives": todos},
+        {"type": "directives", "seq": 3, "audience": "global", "directives": todos},
+    ]
     assert "id: verity.global:1" in out
 
 
+def test_a_connection_without_an_owner_tag_blanks_nothing() -> None:
+    connection = _Connection({"global": 0}, None)
+    out = asyncio.run(connection.rewrite(envelope(1, MINE)))
+    [data] = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
+    assert data["directives"] and "origin" not in data
+
+
+def test_pushed_envelopes_and_directives_carry_no_source() -> None:
+    stamped = d.refresh_item("todo", 1, source="client-a", idempotency_key="k")
+    nested = d.invalidate([d.refresh_collection("todos", source="client-a")])
+    head, tail = envelopes.parts("global", [stamped, nested], MINE)
+    data = json.loads(envelopes.public(head + "7" + tail))
+    assert data == {
+        "type": "directives",
+        "seq": 7,
+        "audience": "global",
+        "directives": [
+            {"op": "refresh_item", "name": "todo", "id": 1, "idempotency_key": "k"},
+            {"op": "invalidate", "targets": [{"op": "refresh_collection", "name": "todos"}]},
+        ],
+    }
+    assert envelopes.origin_of(head + "7" + tail) == MINE
+
+
+def test_an_envelope_that_cannot_be_encoded_is_refused_with_its_audience() -> None:
+    poison = d.Directive.trusted(op="refresh_collection", name="todos", params={"x": float("nan")})
+    with pytest.raises(envelopes.Unencodable, match="audience 'global'"):
+        envelopes.parts("global", [poison], None)
+
+
 def test_rewrite_keeps_keep_alives_and_other_events() -> None:
-    connection = _Connection({"global": 0}, "me")
+    connection = _Connection({"global": 0}, MINE)
     text = "event: keep-alive\ndata:\n\n"
     assert asyncio.run(connection.rewrite(text)) == text
 
@@ -120,8 +156,8 @@ def test_rewrite_fills_a_gap_from_storage() -> None:
 def test_rewrite_turns_a_restarted_counter_into_a_hello_reset() -> None:
     connection = _Connection({"global": 0}, None)
     asyncio.run(connection.rewrite(envelope(1) + envelope(2) + envelope(3)))
-    restarted = envelope(2, source="after-restart")
-    out = asyncio.run(connection.rewrite(restarted + envelope(3, source="after-restart")))
+    restarted = envelope(2, OTHER)
+    out = asyncio.run(connection.rewrite(restarted + envelope(3, OTHER)))
     datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
     assert datas[0] == {"type": "hello", "audience": "global", "last_seq": 0}
     assert [x["seq"] for x in datas[1:]] == [2, 3]
@@ -169,3 +205,40 @@ def test_rewrite_turns_a_stream_reset_into_hellos_that_force_a_resync() -> None:
     assert {"type": "hello", "audience": "global", "last_seq": 0} in datas
     assert {"type": "hello", "audience": "global", "last_seq": 10} in datas
     assert connection.delivered["global"] == 10
+
+
+def test_a_stream_reset_sends_hellos_only_for_the_channels_it_reset() -> None:
+    connection = _Connection({"global": 4, "user-1": 3}, None)
+    reset = (
+        "event: stream-reset\nid: verity.global:4,verity.user-1:9\n"
+        'data: {"channels": ["verity.user-1"]}\n\n'
+    )
+    out = asyncio.run(connection.rewrite(reset))
+    datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith('data: {"type')]
+    assert datas == [
+        {"type": "hello", "audience": "user-1", "last_seq": 0},
+        {"type": "hello", "audience": "user-1", "last_seq": 9},
+    ]
+    assert connection.delivered == {"global": 4, "user-1": 9}
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [
+        ("recover=true", {}),
+        ("es-meta=garbage", {}),
+        ("link=next&es-meta=garbage", {}),
+        ("channel=verity.user-999", {}),
+        ("channels=verity.user-999", {}),
+        (
+            "recover=true",
+            {"HTTP_GRIP_SIG": "x", "HTTP_GRIP_LAST": "events-verity.global; last-id=zz"},
+        ),
+    ],
+)
+def test_transport_parameters_never_reach_django_eventstream(
+    client: Client, query: str, headers: dict[str, str]
+) -> None:
+    response = client.get(f"/api/events?audience=global&{query}", **headers)
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"

@@ -109,8 +109,13 @@ class AudienceChannelManager(ChannelManagerBase):  # type: ignore[misc]
         return set(view_kwargs.get("channels", ()))
 
     def can_read_channel(self, user: Any, channel: str) -> bool:
+        from verity_django.storage import release_stream_connections
+
         audience = audience_for(channel)
-        return audience is not None and can_read(user, audience)
+        try:
+            return audience is not None and can_read(user, audience)
+        finally:
+            release_stream_connections()
 
     def is_channel_reliable(self, channel: str) -> bool:
         return True

@@ -53,6 +53,9 @@ class Batch:
 
     source: str | None = None
     closed: bool = False
+    # Who caused the batch: clients.tag_for(request, source), asked for only
+    # when there is something to publish.
+    origin_of: Callable[[], str | None] | None = None
     _entries: dict[tuple[Any, ...], _Entry] = field(default_factory=dict)
     # What crowded items collapsed into, kept so that every reading of the
     # batch (pull, then push) shows the same idempotency keys.
@@ -80,6 +83,17 @@ class Batch:
                     )
                 else:
                     entry.directive = item.directive
+
+    @classmethod
+    def for_request(cls, request: Any) -> Batch:
+        from verity_django import clients
+
+        source = clients.from_headers(request)
+        return cls(source=source, origin_of=lambda: clients.tag_for(request, source))
+
+    @property
+    def origin(self) -> str | None:
+        return None if self.origin_of is None else self.origin_of()
 
     def __bool__(self) -> bool:
         return bool(self._entries)
@@ -344,7 +358,7 @@ def _add_committed(batch: Batch | None, routed: list[Routed]) -> None:
     if batch is not None and not batch.closed:
         batch.add(routed)
         return
-    alone = Batch(source=batch.source if batch is not None else None)
+    alone = Batch() if batch is None else Batch(source=batch.source, origin_of=batch.origin_of)
     alone.add(routed)
     alone.close()
 

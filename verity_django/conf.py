@@ -95,6 +95,10 @@ def _at_least_one(value: Any) -> bool:
 
 
 AT_LEAST_ONE = Condition(_at_least_one, "at least 1", "verity_django.E005")
+# A timeout bounds how long publishing waits on a transport that does not answer.
+A_TIMEOUT = Condition(
+    lambda value: 0 < value <= 60, "between 0 (excluded) and 60 seconds", "verity_django.E011"
+)
 
 
 class Settings:
@@ -232,6 +236,55 @@ class Settings:
         condition=Condition(
             lambda value: 0 < value <= 300, "between 0 (excluded) and 300", "verity_django.E009"
         ),
+    )
+
+    PUBLISH_INLINE = Setting[bool](
+        True,
+        bool,
+        "The committing thread stores and sends its own envelopes when no other thread "
+        "is publishing and the transports are healthy; False leaves all of it to the "
+        "process's publisher thread (inside a TestCase publishing is always inline).",
+        expected="a bool",
+    )
+    BACKLOG_LIMIT = Setting[int](
+        10_000,
+        int,
+        "Envelopes waiting to be published, per process; past it the oldest are dropped.",
+        expected="an int",
+        condition=AT_LEAST_ONE,
+    )
+    STORAGE_TIMEOUT = Setting[float](
+        1.0,
+        (int, float),
+        "Seconds an append waits for the database's write lock (SQLite busy timeout, "
+        "PostgreSQL lock and statement timeouts).",
+        expected="a number of seconds",
+        cast=float,
+        condition=A_TIMEOUT,
+    )
+    REDIS_TIMEOUT = Setting[float](
+        1.0,
+        (int, float),
+        "Connect and socket timeout, in seconds, of the Redis storage's client.",
+        expected="a number of seconds",
+        cast=float,
+        condition=A_TIMEOUT,
+    )
+    GRIP_TIMEOUT = Setting[float](
+        1.0,
+        (int, float),
+        "Seconds a GRIP publish (a POST to the proxy's control URL) may take.",
+        expected="a number of seconds",
+        cast=float,
+        condition=A_TIMEOUT,
+    )
+    FLUSH_TIMEOUT = Setting[float](
+        5.0,
+        (int, float),
+        "Seconds an exiting process (or a management command) waits for its envelopes.",
+        expected="a number of seconds",
+        cast=float,
+        condition=A_TIMEOUT,
     )
 
 

@@ -42,7 +42,7 @@ class DirectiveMiddleware:
             return self.__acall__(request)
         if not conf.ENABLED:
             return self.get_response(request)
-        opened = batching.Batch(source=pull.client_id(request))
+        opened = batching.Batch.for_request(request)
         request.verity_batch = opened  # type: ignore[attr-defined]
         try:
             with batching.activate(opened):
@@ -55,7 +55,7 @@ class DirectiveMiddleware:
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         if not conf.ENABLED:
             return await self.get_response(request)  # type: ignore[no-any-return,misc]
-        opened = batching.Batch(source=pull.client_id(request))
+        opened = batching.Batch.for_request(request)
         request.verity_batch = opened  # type: ignore[attr-defined]
         try:
             with batching.activate(opened):

@@ -348,10 +348,9 @@ class _Store(Protocol):
 
 
 def _store() -> _Store:
-    from verity_django.publishing import storage
-    from verity_django.storage import RedisStorage
+    from verity_django.storage import RedisStorage, configured
 
-    found = storage()
+    found = configured()
     if isinstance(found, RedisStorage):
         return _RedisPositions(found.client)
     return _DatabasePositions()

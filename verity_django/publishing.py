@@ -1,66 +1,72 @@
-"""Envelopes, their seq, and handing them to django-eventstream.
+"""From a committed batch to stored, delivered envelopes, without ever
+holding up the request that committed it.
 
-One committed batch becomes one envelope per audience::
+A committed batch becomes one envelope per audience (``envelopes.py`` owns
+its bytes). Each envelope then goes through these steps, in this order:
 
-    {"type":"directives","seq":N,"audience":A,"source":S,"directives":[...]}
+1. **encode**, in the committing thread: an envelope that cannot be encoded
+   is refused here, logged and counted, and its audience skips one seq so
+   that readers see a gap instead of a silent hole;
+2. **store**: the storage allocates the seq (contiguous per audience across
+   processes) and stores the envelope in one atomic step;
+3. **hand to this process's listeners** (the tailer), unless the storage
+   publishes to every process itself (Redis);
+4. **hand to GRIP**, when a GRIP proxy is configured;
+5. **announce**: ``envelope_published`` receivers run, once, after the
+   publisher has let go of everything; a receiver that raises is logged and
+   counted and changes nothing else.
 
-The seq is the event id the storage allocates for the audience's channel
-(see ``storage.py``), so it is contiguous per audience across processes and
-survives restarts with persistent storage. A failure to publish is logged
-and counted; it never reaches the request that caused it.
+A failed step is retried, and the retry resumes at that step: a stored
+envelope is never stored again.
+
+Envelopes wait in one ordered, bounded backlog per process, and one thread at
+a time publishes from it, oldest first, so envelopes go out in commit order.
+The committing thread publishes its own envelopes right away when nobody
+else is publishing and the transports are healthy (``PUBLISH_INLINE``); a
+concurrent request never waits for it, it leaves its envelopes to whoever is
+publishing. When a step fails, the *breaker* opens: until a retry succeeds,
+requests only add to the backlog and the process's publisher thread retries
+with backoff. Every I/O of the steps has a timeout (``STORAGE_TIMEOUT``,
+``REDIS_TIMEOUT``, ``GRIP_TIMEOUT``), so a request that meets the start of a
+failure waits at most one of them.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
+import os
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.db import connections
 from django_eventstream.event import Event
 
 from verity_django import directives as d
+from verity_django import envelopes
 from verity_django.audiences import channel_for
 from verity_django.conf import conf
 from verity_django.signals import directives_committed, envelope_published
+from verity_django.storage import Append, configured
 
 if TYPE_CHECKING:
     from verity_django.batching import Batch
-    from verity_django.storage import SequencedStorage
 
 logger = logging.getLogger(__name__)
 
-EVENT_TYPE = "message"
-_ENVELOPE_HEAD = '{"type":"directives","seq":'
-
-
-@dataclass
-class Counters:
-    envelopes_published: int = 0
-    envelopes_failed: int = 0
-    envelopes_dropped: int = 0
-    batches_delivered: int = 0
-
-
-counters = Counters()
-_counters_lock = threading.Lock()
-
-
-def _count(name: str) -> None:
-    with _counters_lock:
-        setattr(counters, name, getattr(counters, name) + 1)
-
-
-def deliver(batch: Batch) -> None:
-    """Called once per committed batch: notify, then push."""
-    _count("batches_delivered")
-    directives_committed.send(sender=type(batch), batch=batch)
-    if conf.PUSH:
-        for audience, items in batch.by_audience().items():
-            publish(audience, items, source=batch.source)
+# Envelopes stored in one transaction (or one Redis round trip) at most.
+_GROUP = 64
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 5.0
+# A stored envelope's GRIP publish is tried this often; then Pushpin's own
+# recovery (a prev-id mismatch makes it re-read storage) takes over.
+_GRIP_ATTEMPTS = 3
+_LAGS = 4096
 
 
 @dataclass(frozen=True)
@@ -70,137 +76,494 @@ class Published:
     data: str
 
 
-# Envelopes whose publishing failed, retried in order before this process
-# publishes anything else, so that a storage outage delays them instead of
-# losing them. Bounded: past it the oldest are dropped (and counted).
-_RETRY_LIMIT = 10_000
-_retry: collections.deque[tuple[str, Sequence[d.Directive], str | None]] = collections.deque()
-_retry_lock = threading.Lock()
+@dataclass(eq=False)
+class _Pending:
+    """One envelope on its way; the flags say which steps are done."""
+
+    audience: str
+    channel: str
+    head: str
+    tail: str
+    committed: float = field(default_factory=time.monotonic)
+    skip: int = 0
+    event: Event | None = None
+    offered: bool = False
+    grip_attempts: int = 0
+    grip_done: bool = False
+    busy: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
-def publish(
-    audience: str, items: Sequence[d.Directive], *, source: str | None = None
-) -> Published | None:
-    """Store and send one envelope; never raises for a transport failure."""
-    with _retry_lock:
-        if not _drain_retries():
-            _count("envelopes_failed")
-            logger.error(
-                "verity_django: could not publish %d directive(s) to audience %r "
-                "(source %r): %d earlier envelope(s) still wait; will retry",
-                len(items),
-                audience,
-                source,
-                len(_retry),
-            )
-            _queue_for_retry(audience, items, source)
-            return None
-        published = _attempt(audience, items, source)
-        if published is None:
-            _queue_for_retry(audience, items, source)
-        return published
+class Counters:
+    """What this process's publisher did since it started.
+
+    ``depth`` and ``oldest_age`` (seconds) describe the backlog now;
+    ``published``, ``failed`` (failed attempts of a step), ``retried``
+    (attempts after a failure), ``dropped`` (envelopes lost to the backlog
+    bound or refused because they could not be encoded) and
+    ``receiver_errors`` count; ``store_lag`` is commit → stored, in seconds,
+    for recent envelopes (p50, p99).
+    """
+
+    def __init__(self) -> None:
+        self.published = 0
+        self.failed = 0
+        self.retried = 0
+        self.dropped = 0
+        self.receiver_errors = 0
+        self.batches_delivered = 0
+
+    @property
+    def depth(self) -> int:
+        return len(_publisher.queue)
+
+    @property
+    def oldest_age(self) -> float:
+        queue = _publisher.queue
+        try:
+            return time.monotonic() - queue[0].committed
+        except IndexError:
+            return 0.0
+
+    @property
+    def breaker_open(self) -> bool:
+        return not _publisher.healthy
+
+    def store_lag(self) -> tuple[float, float]:
+        lags = sorted(_publisher.lags)
+        if not lags:
+            return (0.0, 0.0)
+        return (lags[len(lags) // 2], lags[min(len(lags) - 1, int(len(lags) * 0.99))])
+
+    def as_dict(self) -> dict[str, Any]:
+        p50, p99 = self.store_lag()
+        return {
+            "depth": self.depth,
+            "oldest_age": self.oldest_age,
+            "breaker_open": self.breaker_open,
+            "published": self.published,
+            "failed": self.failed,
+            "retried": self.retried,
+            "dropped": self.dropped,
+            "receiver_errors": self.receiver_errors,
+            "batches_delivered": self.batches_delivered,
+            "store_lag_p50": p50,
+            "store_lag_p99": p99,
+        }
 
 
-def _queue_for_retry(audience: str, items: Sequence[d.Directive], source: str | None) -> None:
-    if len(_retry) >= _RETRY_LIMIT:
-        _retry.popleft()
-        _count("envelopes_dropped")
-    _retry.append((audience, items, source))
+counters = Counters()
 
 
-def retry_failed() -> None:
-    """Publish what earlier failures left waiting (the tailer calls this)."""
-    if _retry:
-        with _retry_lock:
-            _drain_retries()
+def deliver(batch: Batch) -> None:
+    """Called once per committed batch: notify, then publish its envelopes."""
+    counters.batches_delivered += 1
+    directives_committed.send(sender=type(batch), batch=batch)
+    if conf.PUSH:
+        _publisher.submit(
+            [
+                pending
+                for audience, items in batch.by_audience().items()
+                if (pending := _encode(audience, items, batch.origin)) is not None
+            ]
+        )
 
 
-def _drain_retries() -> bool:
-    """Publish waiting envelopes in order; False if one still fails."""
-    while _retry:
-        if _attempt(*_retry[0]) is None:
-            return False
-        _retry.popleft()
-    return True
+def publish(audience: str, items: Sequence[d.Directive]) -> None:
+    """Publish one envelope as a committed batch's are (never waits)."""
+    pending = _encode(audience, items, None)
+    if pending is not None:
+        _publisher.submit([pending])
 
 
-def _attempt(audience: str, items: Sequence[d.Directive], source: str | None) -> Published | None:
+def publish_now(audience: str, items: Sequence[d.Directive]) -> Published:
+    """Publish one envelope and wait until it is stored and handed on, in
+    order after whatever this process still holds (management commands,
+    which print the seq). Raises if that does not happen within
+    ``FLUSH_TIMEOUT``."""
+    pending = _encode(audience, items, None, strict=True)
+    assert pending is not None
+    _publisher.submit([pending], wait=True)
+    if not pending.done.wait(conf.FLUSH_TIMEOUT):
+        raise TimeoutError(
+            f"not published within {conf.FLUSH_TIMEOUT} s "
+            f"({counters.depth} envelope(s) still wait): {pending.error}"
+        )
+    if pending.event is None:
+        raise RuntimeError(f"not published: {pending.error}")
+    return Published(audience, int(pending.event.id), envelopes.public(pending.event.data))
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Publish what this process still holds; True once nothing waits.
+
+    Runs at interpreter exit by itself; call it where a process ends without
+    one (``os._exit``, a worker pool's child).
+    """
+    return _publisher.flush(conf.FLUSH_TIMEOUT if timeout is None else timeout)
+
+
+def reset() -> None:
+    """Forget the backlog and the breaker (tests)."""
+    _publisher.reset()
+
+
+def _encode(
+    audience: str, items: Sequence[d.Directive], origin: str | None, *, strict: bool = False
+) -> _Pending | None:
     try:
-        return publish_or_raise(audience, items, source=source)
-    except Exception:
-        _count("envelopes_failed")
-        logger.exception(
-            "verity_django: could not publish %d directive(s) to audience %r (source %r); "
-            "will retry",
-            len(items),
-            audience,
-            source,
-        )
+        head, tail = envelopes.parts(audience, items, origin)
+    except envelopes.Unencodable as exc:
+        if strict:
+            raise
+        _publisher.lose(audience, f"it cannot be encoded ({exc})")
         return None
-
-
-def publish_or_raise(
-    audience: str, items: Sequence[d.Directive], *, source: str | None = None
-) -> Published:
-    channel = channel_for(audience)
-    if any(x.op == "force_reload_page" for x in items):
-        # The originator must reload too, and clients drop envelopes that
-        # carry their own id as source.
-        source = None
-    head, tail = envelope_parts(audience, items, source)
-    event = storage().append_sequenced(channel, EVENT_TYPE, head, tail)
-    _hand_to_transports(channel, event)
-    _count("envelopes_published")
-    published = Published(audience, int(event.id), event.data)
-    envelope_published.send(
-        sender=Published, audience=audience, seq=published.seq, envelope=published.data
-    )
-    return published
-
-
-def envelope_parts(
-    audience: str, items: Sequence[d.Directive], source: str | None
-) -> tuple[str, str]:
-    """The envelope's JSON split around its seq, so the storage can insert it."""
-    tail = ',"audience":' + d.dumps(audience)
-    if source is not None:
-        tail += ',"source":' + d.dumps(source)
-    tail += ',"directives":' + d.dumps([x.to_dict() for x in items]) + "}"
-    return _ENVELOPE_HEAD, tail
-
-
-def storage() -> SequencedStorage:
-    from django_eventstream.utils import get_storage
-
-    found = get_storage()
-    if found is None or not hasattr(found, "append_sequenced"):
-        from django.core.exceptions import ImproperlyConfigured
-
-        raise ImproperlyConfigured(
-            "EVENTSTREAM_STORAGE_CLASS must be verity_django.storage.DatabaseStorage or "
-            "verity_django.storage.RedisStorage (see check verity_django.E001)."
-        )
-    return cast("SequencedStorage", found)
+    return _Pending(audience, channel_for(audience), head, tail)
 
 
 def grip_configured() -> bool:
     return bool(getattr(settings, "GRIP_URL", None) or getattr(settings, "GRIP_PROXIES", None))
 
 
-def _hand_to_transports(channel: str, event: Event) -> None:
-    store: Any = storage()
-    if not getattr(store, "publishes_to_listeners", False):
-        from verity_django.delivery import offer
+class _Publisher:
+    def __init__(self) -> None:
+        # Guards the backlog and counters only; never held across I/O.
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.queue: collections.deque[_Pending] = collections.deque()
+        # Seqs to skip per audience, for envelopes that were dropped.
+        self.lost: dict[str, int] = {}
+        # Whoever holds this publishes. Requests never wait for it; only
+        # flush() does, within its timeout.
+        self.publishing = threading.Lock()
+        # The breaker: open from a failed step until a retry succeeds.
+        self.healthy = True
+        self.retry_at = 0.0
+        self.backoff = 0.0
+        self.lags: collections.deque[float] = collections.deque(maxlen=_LAGS)
+        self.thread: threading.Thread | None = None
 
-        offer(channel, event)
-    if grip_configured():
-        from django_eventstream.utils import publish_event
+    def reset(self) -> None:
+        with self.lock:
+            self.queue.clear()
+            self.lost.clear()
+            self.healthy = True
+            self.retry_at = 0.0
+            self.backoff = 0.0
 
-        publish_event(
-            channel,
-            EVENT_TYPE,
-            event.data,
-            str(event.id),
-            str(int(event.id) - 1),
-            blocking=True,
+    def submit(self, pending: list[_Pending], *, wait: bool = False) -> None:
+        if not pending:
+            return
+        with self.lock:
+            self.queue.extend(pending)
+            overflow = len(self.queue) - conf.BACKLOG_LIMIT
+        if overflow > 0:
+            self._drop_oldest(overflow)
+        # Only a TestCase delivers inside an open transaction, which holds
+        # what the envelope is stored next to: only its own connection can
+        # write there, so it publishes inline, failing or not.
+        in_test = any(c.in_atomic_block for c in connections.all(initialized_only=True))
+        inline = in_test or (self.healthy and (wait or conf.PUBLISH_INLINE))
+        if inline and self.publishing.acquire(blocking=False):
+            self._publish_then_release(until=pending[-1])
+        if not in_test:
+            self._hand_rest_to_thread()
+
+    def _drop_oldest(self, count: int) -> None:
+        dropped: list[_Pending] = []
+        with self.lock:
+            for item in list(self.queue):
+                if len(dropped) == count:
+                    break
+                if item.busy:
+                    continue
+                self.queue.remove(item)
+                dropped.append(item)
+                if item.event is None:
+                    self.lost[item.audience] = self.lost.get(item.audience, 0) + 1 + item.skip
+        for item in dropped:
+            item.error = OverflowError("dropped: the backlog is full")
+            item.done.set()
+            self._count_lost(item.audience, f"the backlog holds {conf.BACKLOG_LIMIT}")
+
+    def lose(self, audience: str, why: str) -> None:
+        with self.lock:
+            self.lost[audience] = self.lost.get(audience, 0) + 1
+        self._count_lost(audience, why)
+
+    def _count_lost(self, audience: str, why: str) -> None:
+        counters.dropped += 1
+        logger.error(
+            "verity_django: dropped an envelope for audience %r: %s; its clients see a gap "
+            "in seq and resync",
+            audience,
+            why,
         )
+
+    def _publish_then_release(self, until: _Pending | None) -> None:
+        try:
+            announced = self._publish(until)
+        finally:
+            self.publishing.release()
+        for published in announced:
+            _announce(published)
+
+    def _hand_rest_to_thread(self) -> None:
+        with self.lock:
+            if not self.queue:
+                return
+            self._ensure_thread()
+            self.wake.notify()
+
+    def _ensure_thread(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            return
+        self.thread = threading.Thread(target=self._run, name="verity-publisher", daemon=True)
+        self.thread.start()
+        _at_exit()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self.queue:
+                    self.wake.wait()
+                pause = self.retry_at - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            if self.publishing.acquire(blocking=False):
+                self._publish_then_release(until=None)
+            else:
+                # Someone else publishes; it wakes this thread for what it leaves.
+                with self.lock:
+                    self.wake.wait(_BACKOFF_FIRST)
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if not self.queue:
+                    return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            pause = self.retry_at - time.monotonic()
+            if pause > 0:
+                time.sleep(min(pause, left))
+                continue
+            if self.publishing.acquire(timeout=min(left, _BACKOFF_MAX)):
+                self._publish_then_release(until=None)
+
+    def _publish(self, until: _Pending | None) -> list[Published]:
+        """Publish from the oldest envelope on, up to ``until`` (or everything).
+
+        Returns the envelopes to announce once the caller has let go.
+        """
+        announced: list[Published] = []
+        while True:
+            with self.lock:
+                if not self.queue or (until is not None and until.done.is_set()):
+                    return announced
+                head = self.queue[0]
+                run: list[_Pending] = []
+                if head.event is None:
+                    for item in self.queue:
+                        if item.event is not None or len(run) == _GROUP:
+                            break
+                        run.append(item)
+                head.busy = True
+                for item in run:
+                    item.busy = True
+                    # Seqs of dropped envelopes are consumed by the next one
+                    # stored for their audience.
+                    item.skip += self.lost.pop(item.audience, 0)
+            try:
+                if run and not self._store(run):
+                    return announced
+                if not self._hand_on(head):
+                    return announced
+            finally:
+                with self.lock:
+                    head.busy = False
+                    for item in run:
+                        item.busy = False
+            with self.lock:
+                if self.queue and self.queue[0] is head:
+                    self.queue.popleft()
+                counters.published += 1
+                self.healthy = True
+                self.backoff = 0.0
+            assert head.event is not None
+            head.done.set()
+            announced.append(
+                Published(head.audience, int(head.event.id), envelopes.public(head.event.data))
+            )
+
+    def _store(self, run: list[_Pending]) -> bool:
+        try:
+            results = configured().append_many(
+                envelopes.EVENT_TYPE,
+                [Append(x.channel, x.head, x.tail, x.skip) for x in run],
+            )
+        except Exception as exc:
+            return self._failed(run[0], "store", exc)
+        now = time.monotonic()
+        for item, result in zip(run, results, strict=True):
+            if isinstance(result, Exception):
+                return self._failed(item, "store", result)
+            item.event = result
+            self.lags.append(now - item.committed)
+        return True
+
+    def _hand_on(self, item: _Pending) -> bool:
+        assert item.event is not None
+        if not item.offered:
+            if not getattr(configured(), "publishes_to_listeners", False):
+                from verity_django.tailer import offer
+
+                offer(item.channel, item.event)
+            item.offered = True
+        if not item.grip_done and grip_configured():
+            try:
+                _publish_to_grip(item.channel, item.event)
+            except Exception as exc:
+                item.grip_attempts += 1
+                if item.grip_attempts < _GRIP_ATTEMPTS:
+                    return self._failed(item, "hand to GRIP", exc)
+                logger.error(
+                    "verity_django: gave up handing seq %s of audience %r to GRIP after %d "
+                    "attempts (%s); the proxy recovers it from storage",
+                    item.event.id,
+                    item.audience,
+                    item.grip_attempts,
+                    exc,
+                )
+            item.grip_done = True
+        return True
+
+    def _failed(self, item: _Pending, step: str, exc: BaseException) -> bool:
+        if step == "store":
+            # A connection a failed query left broken reconnects next time.
+            for connection in connections.all(initialized_only=True):
+                if not connection.in_atomic_block:
+                    connection.close()
+        with self.lock:
+            self.healthy = False
+            self.backoff = min(max(self.backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+            self.retry_at = time.monotonic() + self.backoff
+            depth = len(self.queue)
+        counters.failed += 1
+        counters.retried += 1
+        item.error = exc
+        logger.error(
+            "verity_django: could not %s an envelope for audience %r (%s: %s); %d envelope(s) "
+            "wait, retrying in %.2f s",
+            step,
+            item.audience,
+            type(exc).__name__,
+            exc,
+            depth,
+            self.backoff,
+        )
+        return False
+
+
+def _announce(published: Published) -> None:
+    results = envelope_published.send_robust(
+        sender=Published, audience=published.audience, seq=published.seq, envelope=published.data
+    )
+    for receiver, result in results:
+        if isinstance(result, Exception):
+            counters.receiver_errors += 1
+            logger.error(
+                "verity_django: envelope_published receiver %r raised for seq %s of audience "
+                "%r; the envelope is published and is not published again",
+                receiver,
+                published.seq,
+                published.audience,
+                exc_info=result,
+            )
+
+
+def _publish_to_grip(channel: str, event: Event) -> None:
+    from django_eventstream.utils import publish_event
+
+    _bound_grip_clients()
+    publish_event(
+        channel,
+        envelopes.EVENT_TYPE,
+        envelopes.public(event.data),
+        str(event.id),
+        str(int(event.id) - 1),
+        blocking=True,
+    )
+
+
+_bounded_sessions: set[int] = set()
+
+
+def _bound_grip_clients() -> None:
+    """pubcontrol posts without a timeout and retries on its own: give each
+    of its HTTP sessions one bounded try (the publisher retries in order)."""
+    from django_grip import get_pubcontrol
+
+    for client in getattr(get_pubcontrol(), "clients", ()):
+        session = getattr(client, "requests_session", None)
+        if session is None or id(session) in _bounded_sessions:
+            continue
+        adapter = _timeout_adapter()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        _bounded_sessions.add(id(session))
+
+
+def _timeout_adapter() -> Any:
+    from requests.adapters import HTTPAdapter
+
+    class TimeoutAdapter(HTTPAdapter):
+        def send(
+            self,
+            request: Any,
+            stream: bool = False,
+            timeout: Any = None,
+            verify: Any = True,
+            cert: Any = None,
+            proxies: Any = None,
+        ) -> Any:
+            return super().send(
+                request,
+                stream=stream,
+                timeout=conf.GRIP_TIMEOUT if timeout is None else timeout,
+                verify=verify,
+                cert=cert,
+                proxies=proxies,
+            )
+
+    return TimeoutAdapter(max_retries=0)
+
+
+_publisher = _Publisher()
+_exit_registered = False
+
+
+def _at_exit() -> None:
+    global _exit_registered
+    if not _exit_registered:
+        _exit_registered = True
+        atexit.register(_flush_at_exit)
+
+
+def _flush_at_exit() -> None:
+    if not flush():
+        logger.error(
+            "verity_django: exiting with %d envelope(s) not published", len(_publisher.queue)
+        )
+
+
+def _forget_after_fork() -> None:
+    # The parent publishes what it holds; a child starts empty.
+    global _publisher
+    _publisher = _Publisher()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

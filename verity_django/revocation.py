@@ -155,7 +155,7 @@ def _record(user: str | None, audience: str | None, session: str | None) -> None
     cut_now(Revocation(0, user, audience, session))
     tail = "," + d.dumps({"user": user, "audience": audience, "session": session})[1:]
     try:
-        from verity_django.publishing import storage
+        from verity_django.storage import configured as storage
 
         storage().append_sequenced(CHANNEL, EVENT_TYPE, '{"id":', tail)
     except Exception:
@@ -541,7 +541,7 @@ def _mark() -> int:
 
 
 def _stored_position() -> int:
-    from verity_django.publishing import storage
+    from verity_django.storage import configured as storage
 
     return int(storage().get_current_ids([CHANNEL])[CHANNEL])
 
@@ -549,7 +549,7 @@ def _stored_position() -> int:
 def _revocations_after(position: int) -> tuple[list[Any], int | None]:
     from django_eventstream.storage import EventDoesNotExist
 
-    from verity_django.publishing import storage
+    from verity_django.storage import configured as storage
 
     try:
         return list(storage().get_events(CHANNEL, position, limit=_PAGE)), None

@@ -18,11 +18,13 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager
+from contextvars import ContextVar
 from copy import deepcopy
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections, router, transaction
@@ -37,8 +39,41 @@ _TRIM_EVERY = 60.0
 T = TypeVar("T")
 
 
+def configured() -> SequencedStorage:
+    """The project's sequenced storage (``EVENTSTREAM_STORAGE_CLASS``)."""
+    from django_eventstream.utils import get_storage
+
+    found = get_storage()
+    if found is None or not hasattr(found, "append_many"):
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(
+            "EVENTSTREAM_STORAGE_CLASS must be verity_django.storage.DatabaseStorage or "
+            "verity_django.storage.RedisStorage (see check verity_django.E020)."
+        )
+    return cast("SequencedStorage", found)
+
+
+@dataclass(frozen=True)
+class Append:
+    """One envelope to store: ``head + str(seq) + tail`` on ``channel``.
+
+    ``skip`` seqs are consumed first without an event: envelopes this process
+    had to drop, so that readers see the gap instead of a silent hole.
+    """
+
+    channel: str
+    head: str
+    tail: str
+    skip: int = 0
+
+
 class SequencedStorage(Protocol):
     def append_sequenced(self, channel: str, event_type: str, head: str, tail: str) -> Event: ...
+
+    def append_many(
+        self, event_type: str, appends: Sequence[Append]
+    ) -> list[Event | Exception]: ...
 
     def get_current_ids(self, channels: Iterable[str]) -> dict[str, int]: ...
 
@@ -60,42 +95,35 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
     _trim_lock = threading.Lock()
 
     def append_event(self, channel: str, event_type: str, data: Any) -> Event:
+        from django_eventstream.models import Event as EventRow
+
         text = data if isinstance(data, str) else json.dumps(data)
-        return self._append(channel, event_type, lambda _: text)
-
-    def append_sequenced(self, channel: str, event_type: str, head: str, tail: str) -> Event:
-        from django_eventstream.models import Event as EventRow
-        from django_eventstream.models import EventCounter
-
-        db = router.db_for_write(EventRow)
-        if connections[db].vendor == "postgresql":
-            seq = _append_in_one_statement(
-                db, EventCounter, EventRow, channel, event_type, head, tail
-            )
-            if seq is not None:
-                self._maybe_trim(db)
-                return Event(channel, event_type, f"{head}{seq}{tail}", id=seq)
-        return self._append(channel, event_type, lambda seq: f"{head}{seq}{tail}")
-
-    def _append(self, channel: str, event_type: str, render: Any) -> Event:
-        from django_eventstream.models import Event as EventRow
-        from django_eventstream.models import EventCounter
-
         db = router.db_for_write(EventRow)
         with transaction.atomic(using=db):
-            seq = _increment(db, EventCounter, channel)
-            if seq is None:
-                try:
-                    with transaction.atomic(using=db):
-                        EventCounter.objects.using(db).create(name=channel, value=1)
-                    seq = 1
-                except IntegrityError:
-                    seq = _increment(db, EventCounter, channel)
-            assert seq is not None
-            data = render(seq)
-            _insert_event(db, EventRow, channel, event_type, data, seq)
+            seq = _allocate(db, Append(channel, text, ""), event_type, sequenced=False)
         self._maybe_trim(db)
-        return Event(channel, event_type, data, id=seq)
+        return Event(channel, event_type, text, id=seq)
+
+    def append_sequenced(self, channel: str, event_type: str, head: str, tail: str) -> Event:
+        [event] = self.append_many(event_type, [Append(channel, head, tail)])
+        if isinstance(event, Exception):
+            raise event
+        return event
+
+    def append_many(self, event_type: str, appends: Sequence[Append]) -> list[Event | Exception]:
+        """Store envelopes in one transaction: one commit for all of them,
+        and a wait for the write lock bounded by ``STORAGE_TIMEOUT``."""
+        from django_eventstream.models import Event as EventRow
+
+        db = router.db_for_write(EventRow)
+        events: list[Event | Exception] = []
+        with _bounded(connections[db]):
+            for item in appends:
+                seq = _allocate(db, item, event_type, sequenced=True)
+                data = f"{item.head}{seq}{item.tail}"
+                events.append(Event(item.channel, event_type, data, id=seq))
+        self._maybe_trim(db)
+        return events
 
     def get_current_id(self, channel: str) -> int:
         return self.get_current_ids([channel])[channel]
@@ -156,6 +184,21 @@ _reader_lock = threading.Lock()
 _READER_PREFIX = "verity-storage"
 
 
+# Set in an SSE stream's context. django-eventstream re-checks every channel
+# (the AUTHORIZE hook, which may query the database) in the stream's own
+# thread on each storage re-read; a connection opened there would stay with
+# the stream between re-reads, so it is released after each check.
+streaming: ContextVar[bool] = ContextVar("verity_streaming", default=False)
+
+
+def release_stream_connections() -> None:
+    if not streaming.get():
+        return
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close()
+
+
 def reader() -> ThreadPoolExecutor:
     global _reader
     with _reader_lock:
@@ -188,19 +231,84 @@ def _reconnecting(func: Callable[..., T], *args: Any) -> T:
         raise
 
 
-def _increment(db: str, counter_model: Any, channel: str) -> int | None:
-    """Add one to the channel's counter and return it, in one statement."""
+def _allocate(db: str, item: Append, event_type: str, *, sequenced: bool) -> int:
+    """Add ``1 + item.skip`` to the channel's counter and store the event under
+    the new value (``head + seq + tail`` when sequenced, else ``head``): on
+    PostgreSQL in one statement, else in two."""
+    from django_eventstream.models import Event as EventRow
+    from django_eventstream.models import EventCounter
+
+    step = 1 + item.skip
+    if sequenced and connections[db].vendor == "postgresql":
+        found = _append_in_one_statement(
+            db, EventCounter, EventRow, item.channel, event_type, item.head, item.tail, step
+        )
+        if found is not None:
+            return found
+    seq = _increment(db, EventCounter, item.channel, step)
+    if seq is None:
+        try:
+            with transaction.atomic(using=db):
+                EventCounter.objects.using(db).create(name=item.channel, value=step)
+            seq = step
+        except IntegrityError:
+            seq = _increment(db, EventCounter, item.channel, step)
+    assert seq is not None
+    data = f"{item.head}{seq}{item.tail}" if sequenced else item.head
+    _insert_event(db, EventRow, item.channel, event_type, data, seq)
+    return seq
+
+
+@contextmanager
+def _bounded(connection: Any) -> Iterator[None]:
+    """One transaction whose wait for the database's write lock is bounded by
+    ``STORAGE_TIMEOUT``: SQLite's busy timeout, PostgreSQL's lock and
+    statement timeouts.
+
+    Inside someone else's transaction (a TestCase) their settings stand: a
+    PostgreSQL ``SET LOCAL`` would outlive the append's savepoint.
+    """
+    milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
+    if connection.in_atomic_block:
+        with transaction.atomic(using=connection.alias):
+            yield
+        return
+    connection.ensure_connection()
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA busy_timeout")
+            previous = int(cursor.fetchone()[0])
+            cursor.execute(f"PRAGMA busy_timeout = {milliseconds}")
+        try:
+            with transaction.atomic(using=connection.alias):
+                yield
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute(f"PRAGMA busy_timeout = {previous}")
+        return
+    with transaction.atomic(using=connection.alias):
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"SET LOCAL lock_timeout = {milliseconds}; "
+                    f"SET LOCAL statement_timeout = {milliseconds}"
+                )
+        yield
+
+
+def _increment(db: str, counter_model: Any, channel: str, step: int) -> int | None:
+    """Add ``step`` to the channel's counter and return it, in one statement."""
     connection = connections[db]
     if connection.vendor not in ("postgresql", "sqlite"):
         counters = counter_model.objects.using(db).filter(name=channel)
-        if not counters.update(value=F("value") + 1):
+        if not counters.update(value=F("value") + step):
             return None
         return int(counters.values_list("value", flat=True).get())
     table = connection.ops.quote_name(counter_model._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table} SET value = value + 1 WHERE name = %s RETURNING value",
-            [channel],
+            f"UPDATE {table} SET value = value + %s WHERE name = %s RETURNING value",
+            [step, channel],
         )
         row = cursor.fetchone()
     return None if row is None else int(row[0])
@@ -214,25 +322,23 @@ def _append_in_one_statement(
     event_type: str,
     head: str,
     tail: str,
+    step: int,
 ) -> int | None:
-    """Allocate the seq and store the event in one PostgreSQL statement: in
-    autocommit that is one round trip instead of four (BEGIN, UPDATE, INSERT,
-    COMMIT), and the counter's row lock still orders the ids by commit.
-    None when the channel has no counter row yet."""
+    """Allocate the seq and store the event in one PostgreSQL statement (one
+    round trip instead of two); the counter's row lock still orders the ids
+    by commit. None when the channel has no counter row yet."""
     connection = connections[db]
     quote = connection.ops.quote_name
     into, created = _event_insert_target(connection, event_model)
     counter = quote(counter_model._meta.db_table)
     sql = (
-        f"WITH c AS (UPDATE {counter} SET value = value + 1 WHERE name = %s RETURNING value) "
+        f"WITH c AS (UPDATE {counter} SET value = value + %s WHERE name = %s RETURNING value) "
         f"INSERT INTO {into} "
         "SELECT %s, %s, %s || c.value::text || %s, c.value, %s FROM c "
         f"RETURNING {quote(event_model._meta.get_field('eid').column)}"
     )
-    params = [channel, channel, event_type, head, tail, created]
-    # Inside someone's transaction, a savepoint keeps a failure from breaking it.
-    block = transaction.atomic(using=db) if connection.in_atomic_block else nullcontext()
-    with block, connection.cursor() as cursor:
+    params = [step, channel, channel, event_type, head, tail, created]
+    with connection.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     return None if row is None else int(row[0])
@@ -268,7 +374,7 @@ def _event_insert_target(connection: Any, event_model: Any) -> tuple[str, Any]:
 # publish order is the id order for every listener in every process.
 _APPEND_SCRIPT = """
 redis.call('SET', KEYS[2], ARGV[9], 'NX')
-local id = redis.call('INCR', KEYS[1])
+local id = redis.call('INCRBY', KEYS[1], tonumber(ARGV[10]))
 local data = ARGV[3]
 if ARGV[7] == '1' then data = ARGV[3] .. id .. ARGV[4] end
 redis.call('SET', ARGV[5] .. id, cjson.encode({type=ARGV[2], data=data}), 'EX', tonumber(ARGV[6]))
@@ -282,6 +388,19 @@ return id
 # django-eventstream's RedisListener subscribes to this pub/sub channel.
 PUBSUB_CHANNEL = "events_channel"
 EPOCH_KEY = "verity:epoch"
+
+
+def _bounded_redis(details: dict[str, Any]) -> dict[str, Any]:
+    """redis-py waits forever on a server that accepts and never answers, and
+    retries a timed-out command three times: give every command one bounded
+    try unless the project's connection settings say otherwise."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    details.setdefault("socket_timeout", conf.REDIS_TIMEOUT)
+    details.setdefault("socket_connect_timeout", conf.REDIS_TIMEOUT)
+    details.setdefault("retry", Retry(NoBackoff(), 0))
+    return details
 
 
 class RedisStorage(StorageBase):  # type: ignore[misc]
@@ -315,7 +434,7 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
             with RedisStorage._clients_lock:
                 found = RedisStorage._clients.get(key)
                 if found is None:
-                    client = redis.Redis(**deepcopy(details))
+                    client = redis.Redis(**_bounded_redis(deepcopy(details)))
                     found = (client, client.register_script(_APPEND_SCRIPT))
                     RedisStorage._clients[key] = found
         return found
@@ -333,34 +452,57 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
 
     def append_event(self, channel: str, event_type: str, data: Any) -> Event:
         text = data if isinstance(data, str) else json.dumps(data)
-        return self._append(channel, event_type, text, "", sequenced=False)
+        script = self._client_and_script()[1]
+        seq = int(script(**self._call(event_type, Append(channel, text, ""), sequenced=False)))
+        return Event(channel, event_type, text, id=seq)
 
     def append_sequenced(self, channel: str, event_type: str, head: str, tail: str) -> Event:
-        return self._append(channel, event_type, head, tail, sequenced=True)
+        [event] = self.append_many(event_type, [Append(channel, head, tail)])
+        if isinstance(event, Exception):
+            raise event
+        return event
 
-    def _append(
-        self, channel: str, event_type: str, head: str, tail: str, *, sequenced: bool
-    ) -> Event:
+    def append_many(self, event_type: str, appends: Sequence[Append]) -> list[Event | Exception]:
+        """Store envelopes in one round trip. Each is its own atomic script,
+        so each either is stored (and published) or not."""
         client, script = self._client_and_script()
-        seq = int(
-            script(
-                keys=[self._counter_key(channel), EPOCH_KEY],
-                args=[
-                    channel,
-                    event_type,
-                    head,
-                    tail,
-                    self._event_prefix(channel),
-                    conf.EVENT_RETENTION,
-                    "1" if sequenced else "0",
-                    PUBSUB_CHANNEL if self._publishes() else "",
-                    uuid.uuid4().hex,
-                ],
-                client=client,
-            )
-        )
-        data = f"{head}{seq}{tail}" if sequenced else head
-        return Event(channel, event_type, data, id=seq)
+        if len(appends) == 1:
+            [item] = appends
+            results: list[Any] = [script(**self._call(event_type, item))]
+        else:
+            pipe = client.pipeline(transaction=False)
+            for item in appends:
+                script(**self._call(event_type, item, client=pipe))
+            results = pipe.execute(raise_on_error=False)
+        out: list[Event | Exception] = []
+        for item, result in zip(appends, results, strict=True):
+            if isinstance(result, Exception):
+                out.append(result)
+                continue
+            seq = int(result)
+            out.append(Event(item.channel, event_type, f"{item.head}{seq}{item.tail}", id=seq))
+        return out
+
+    def _call(
+        self, event_type: str, item: Append, *, sequenced: bool = True, client: Any = None
+    ) -> dict[str, Any]:
+        """The append script's arguments for one event."""
+        return {
+            "keys": [self._counter_key(item.channel), EPOCH_KEY],
+            "args": [
+                item.channel,
+                event_type,
+                item.head,
+                item.tail,
+                self._event_prefix(item.channel),
+                conf.EVENT_RETENTION,
+                "1" if sequenced else "0",
+                PUBSUB_CHANNEL if self._publishes() else "",
+                uuid.uuid4().hex,
+                1 + item.skip,
+            ],
+            "client": client if client is not None else self.client,
+        }
 
     @property
     def publishes_to_listeners(self) -> bool:

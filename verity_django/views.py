@@ -12,14 +12,25 @@ its hello announces. It then wraps django-eventstream's stream to:
 - drop an envelope this connection already received (django-eventstream may
   re-read storage after an overflow and send events twice);
 - replace the envelope that this connection's own client caused with the
-  same seq and no directives, so the client neither applies it twice nor
-  mistakes the next envelope for a gap.
+  same seq and no directives (``envelopes.for_connection``), so the client
+  neither applies it twice nor mistakes the next envelope for a gap. "Own"
+  means the same client id presented by the same user or session
+  (``clients.tag_for``): an id copied from another page matches nothing.
+
+Only this view's own parameters reach django-eventstream. ``channel`` and
+``channels`` are ignored (the audiences decide the channels). ``es-meta``
+(a token that names the user and the channels) counts only on a request the
+GRIP proxy signed with the configured key; ``link`` and ``recover`` (the
+proxy's paging and recovery) count only on a request that came through the
+proxy; ``Grip-Last`` values that are not seqs are ignored.
+
+:func:`_starts` is where each stream's starting seq per channel is decided,
+and :class:`_Connection` is where every envelope of one connection passes.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, unquote
@@ -30,8 +41,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET
 
-from verity_django import directives as d
-from verity_django import positions, revocation
+from verity_django import clients, envelopes, positions, revocation
 from verity_django.audiences import (
     GLOBAL,
     InvalidAudience,
@@ -40,14 +50,16 @@ from verity_django.audiences import (
     channel_for,
     validate_audience,
 )
-from verity_django.clients import MAX_LENGTH as MAX_CLIENT_ID_LENGTH
-from verity_django.clients import is_valid_client_id
 from verity_django.conf import conf
+from verity_django.publishing import grip_configured
+from verity_django.storage import configured, streaming
 
 MAX_LAST_EVENT_ID = 4096
 # django-eventstream re-sends at most its queue (10 events) after an overflow.
 _RECENT = 32
-_ENVELOPE = re.compile(r'\{"type":"directives","seq":(\d+),"audience":"([^"\\]*)"')
+# Parameters of django-eventstream's own protocol with a GRIP proxy.
+_PROXY_PARAMS = ("es-meta", "link", "recover")
+_CHANNEL_PARAMS = ("channel", "channels")
 
 
 def _error(status: int, detail: str, **extra: Any) -> JsonResponse:
@@ -77,10 +89,10 @@ def events(request: HttpRequest) -> HttpResponseBase:
     if len(audiences) > conf.MAX_AUDIENCES_PER_CONNECTION:
         return _error(400, f"At most {conf.MAX_AUDIENCES_PER_CONNECTION} audiences per connection.")
     client_id = request.GET.get(conf.CLIENT_ID_PARAM) or None
-    if client_id is not None and not is_valid_client_id(client_id):
+    if client_id is not None and not clients.is_valid_client_id(client_id):
         return _error(
             400,
-            f"{conf.CLIENT_ID_PARAM} must be 1 to {MAX_CLIENT_ID_LENGTH} visible ASCII characters.",
+            f"{conf.CLIENT_ID_PARAM} must be 1 to {clients.MAX_LENGTH} visible ASCII characters.",
         )
 
     denied = [a for a in audiences if not can_read(request.user, a)]
@@ -89,22 +101,21 @@ def events(request: HttpRequest) -> HttpResponseBase:
 
     from django_eventstream.views import events as eventstream_events
 
-    from verity_django.publishing import grip_configured, storage
-
     channels = {channel_for(a): a for a in audiences}
+    proxied = _keep_only_own_parameters(request)
     try:
         resume = _parse_last_event_id(request, channels)
     except ValueError as exc:
         return _error(400, str(exc))
-    current = storage().get_current_ids(channels)
+    current = configured().get_current_ids(channels)
     remembered = positions.remembered(request, client_id, channels, current)
-    starts = {c: min(resume.get(c, remembered.get(c, current[c])), current[c]) for c in channels}
+    starts = _starts(resume, remembered, current)
     tracker = positions.track(request, client_id, {a: starts[c] for c, a in channels.items()})
     request.META["HTTP_LAST_EVENT_ID"] = ",".join(f"{quote(c)}:{starts[c]}" for c in channels)
 
     watched = revocation.opened(request, audiences)  # revocation: before the stream authorizes
     response: HttpResponseBase = eventstream_events(request, channels=list(channels))
-    hellos = "".join(_hello(a, starts[c]) for c, a in channels.items())
+    hellos = "".join(envelopes.hello(a, starts[c]) for c, a in channels.items())
     if isinstance(response, StreamingHttpResponse):
         content: AsyncIterator[bytes] = response.streaming_content  # type: ignore[assignment]
         wrapped = StreamingHttpResponse(
@@ -115,8 +126,9 @@ def events(request: HttpRequest) -> HttpResponseBase:
                         content,
                         hellos,
                         starts,
+                        current,
                         channels,
-                        client_id,
+                        clients.tag_for(request, client_id),
                         use_tailer=not _redis_delivers(),
                         epoch=_storage_epoch(),
                         tracker=tracker,
@@ -129,18 +141,58 @@ def events(request: HttpRequest) -> HttpResponseBase:
         for header, value in response.items():
             wrapped[header] = value
         return wrapped
-    grip = getattr(request, "grip", None)
-    proxied = grip_configured() and grip is not None and grip.proxied
-    first_response = request.GET.get("link") != "next"
-    if proxied and first_response and isinstance(response, HttpResponse):
-        response.content = _after_stream_open(response.content.decode(), hellos).encode()
+    if proxied and isinstance(response, HttpResponse):
+        # Behind the proxy nothing rewrites per connection: every reader
+        # gets the envelopes as they are published, without origin tags.
+        text = envelopes.public_stream(response.content.decode())
+        if request.GET.get("link") != "next":
+            text = _after_stream_open(text, hellos)
+        response.content = text.encode()
     return response
 
 
-def _redis_delivers() -> bool:
-    from verity_django.publishing import storage
+def _starts(
+    resume: dict[str, int], remembered: dict[str, int], current: dict[str, int]
+) -> dict[str, int]:
+    """Where the stream starts on each channel, which its hello announces:
+    where the client says it is (its Last-Event-ID, else the position
+    remembered for its client id), never beyond the storage's current id."""
+    return {c: min(resume.get(c, remembered.get(c, now)), now) for c, now in current.items()}
 
-    return bool(getattr(storage(), "publishes_to_listeners", False))
+
+def _keep_only_own_parameters(request: HttpRequest) -> bool:
+    """Hide django-eventstream's proxy parameters from any request that is
+    not the GRIP proxy's own; True when the request comes through the proxy.
+
+    Unsigned, an ``es-meta`` token (taken from a log, say) would replace the
+    user and the channels, ``recover`` would read ``Grip-Last`` from a
+    request that has none, and a malformed ``Grip-Last`` would answer 500.
+    """
+    grip = getattr(request, "grip", None)
+    proxied = grip_configured() and grip is not None and bool(grip.proxied)
+    signed = proxied and bool(getattr(grip, "signed", False))
+    hidden: tuple[str, ...]
+    if signed:
+        hidden = _CHANNEL_PARAMS
+    elif proxied:
+        # Without a GRIP key anyone can claim to be the proxy: its paging and
+        # recovery still work, but no token may choose the user or channels.
+        hidden = (*_CHANNEL_PARAMS, "es-meta")
+    else:
+        hidden = _CHANNEL_PARAMS + _PROXY_PARAMS
+    if any(name in request.GET for name in hidden):
+        params = request.GET.copy()
+        for name in hidden:
+            params.pop(name, None)
+        request.GET = params  # type: ignore[assignment]
+    if proxied and grip is not None:
+        last = getattr(grip, "last", None) or {}
+        grip.last = {c: v for c, v in last.items() if isinstance(v, str) and v.isdigit()}
+    return proxied
+
+
+def _redis_delivers() -> bool:
+    return bool(getattr(configured(), "publishes_to_listeners", False))
 
 
 def _parse_last_event_id(request: HttpRequest, channels: dict[str, str]) -> dict[str, int]:
@@ -162,14 +214,6 @@ def _parse_last_event_id(request: HttpRequest, channels: dict[str, str]) -> dict
     return out
 
 
-def _sse(data: str) -> str:
-    return f"data: {data}\n\n"
-
-
-def _hello(audience: str, last_seq: int) -> str:
-    return _sse(d.dumps({"type": "hello", "audience": audience, "last_seq": last_seq}))
-
-
 def _after_stream_open(text: str, hellos: str) -> str:
     marker = "event: stream-open\ndata:\n\n"
     at = text.find(marker)
@@ -183,22 +227,27 @@ async def _stream(
     content: AsyncIterator[bytes],
     hellos: str,
     starts: dict[str, int],
+    current: dict[str, int],
     channels: dict[str, str],
-    client_id: str | None,
+    tag: str | None,
     *,
     use_tailer: bool,
     epoch: str | None = None,
     tracker: positions.Tracker | None = None,
 ) -> AsyncIterator[bytes]:
-    from verity_django.delivery import supervise_redis_listener, tailer
+    from verity_django.tailer import supervise_redis_listener, tailer
 
     if use_tailer:
-        tailer().track(dict(starts))
+        tailer().track(current)
     else:
         supervise_redis_listener()
+    # django-eventstream re-checks AUTHORIZE in this stream's own thread on
+    # every storage re-read; the storage then releases that thread's
+    # database connection (see storage.streaming).
+    streaming.set(True)
     connection = _Connection(
         {channels[c]: seq for c, seq in starts.items()},
-        client_id,
+        tag,
         _fetch_stored,
         epoch=epoch,
         current_epoch=_current_epoch,
@@ -240,14 +289,14 @@ class _Connection:
     def __init__(
         self,
         delivered: dict[str, int],
-        client_id: str | None,
+        tag: str | None,
         fetch: Callable[[str, int, int], Awaitable[list[str]]] | None = None,
         *,
         epoch: str | None = None,
         current_epoch: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self.delivered = delivered
-        self.client_id = client_id
+        self.tag = tag
         self.fetch = fetch
         self.epoch = epoch
         self.current_epoch = current_epoch
@@ -255,9 +304,6 @@ class _Connection:
         # the same content is a re-read; with other content, the storage
         # started over (a Redis restart without persistence).
         self.recent: dict[str, dict[int, int]] = {}
-        # Envelopes are written by publishing.envelope_parts with this exact
-        # spelling, so a substring test spares parsing every foreign envelope.
-        self.marker = None if client_id is None else '"source":' + d.dumps(client_id) + ","
 
     async def rewrite(self, text: str) -> str:
         if '"type":"directives"' not in text and "event: stream-reset" not in text:
@@ -267,12 +313,12 @@ class _Connection:
             if block.startswith("event: stream-reset"):
                 kept.extend(self._reset(block))
                 continue
-            at = block.find('data: {"type":"directives"')
-            match = None if at < 0 else _ENVELOPE.match(block, at + 6)
-            if match is None:
+            at = block.find("data: " + envelopes.HEAD)
+            found = None if at < 0 else envelopes.parse(block, at + 6)
+            if found is None:
                 kept.append(block)
                 continue
-            seq, audience = int(match.group(1)), match.group(2)
+            seq, audience = found
             last = self.delivered.get(audience, 0)
             data = block[at + 6 :]
             recent = self.recent.setdefault(audience, {})
@@ -312,7 +358,7 @@ class _Connection:
         for audience in audiences:
             self.delivered[audience] = 0
             self.recent.pop(audience, None)
-        return [_hello(audience, 0) for audience in audiences]
+        return [envelopes.hello(audience, 0) for audience in audiences]
 
     async def _storage_lost_its_data(self) -> bool:
         """Whether the storage's epoch changed since this stream last looked
@@ -327,40 +373,37 @@ class _Connection:
         return True
 
     def _reset(self, block: str) -> list[str]:
-        """django-eventstream jumped to the storage's current id (the seq it
-        resumed from is gone). The Verity client ignores that event, so tell
-        it with hellos: one to 0, which it takes silently, then one to the
-        current seq, which it sees as a gap and resyncs."""
+        """django-eventstream jumped to the storage's current id on the
+        channels whose seq it resumed from is gone. The Verity client ignores
+        that event, so tell it with hellos, for those channels only: one to 0,
+        which it takes silently, then one to the current seq, which it sees as
+        a gap and resyncs. The other channels of the stream are left alone."""
         out = [block]
-        line = next((x for x in block.split("\n") if x.startswith("id: ")), "")
-        for part in line[4:].split(","):
+        lines = block.split("\n")
+        ids = next((x[4:] for x in lines if x.startswith("id: ")), "")
+        data = next((x[6:] for x in lines if x.startswith("data: ")), "")
+        try:
+            reset = set(json.loads(data).get("channels", ()))
+        except (ValueError, AttributeError):
+            reset = set()
+        for part in ids.split(","):
             name, _, value = part.rpartition(":")
-            audience = audience_for(unquote(name))
-            if audience is None or audience not in self.delivered or not value.isdigit():
+            channel = unquote(name)
+            audience = audience_for(channel)
+            if channel not in reset or audience not in self.delivered or not value.isdigit():
                 continue
             for seq in (0, int(value)):
-                out.append(_hello(audience, seq))
+                out.append(envelopes.hello(audience, seq))
             self.delivered[audience] = int(value)
             self.recent.pop(audience, None)
         return out
 
     def _envelope_block(self, head: str, data: str, audience: str) -> str:
-        own = self.marker is not None and self.marker in data
-        if own and json.loads(data).get("source") == self.client_id:
-            echo: dict[str, Any] = {
-                "type": "directives",
-                "seq": json.loads(data)["seq"],
-                "audience": audience,
-                "directives": [],
-            }
-            data = d.dumps(echo)
-        return head + "data: " + data
+        return head + "data: " + envelopes.for_connection(data, self.tag)
 
 
 def _storage_epoch() -> str | None:
-    from verity_django.publishing import storage
-
-    epoch = getattr(storage(), "epoch", None)
+    epoch = getattr(configured(), "epoch", None)
     return None if epoch is None else str(epoch())
 
 
@@ -375,10 +418,8 @@ async def _fetch_stored(audience: str, after: int, before: int) -> list[str]:
 def _stored_between(audience: str, after: int, before: int) -> list[str]:
     from django_eventstream.storage import EventDoesNotExist
 
-    from verity_django.publishing import storage
-
     try:
-        events = storage().get_events(channel_for(audience), after, limit=before - after - 1)
+        events = configured().get_events(channel_for(audience), after, limit=before - after - 1)
     except EventDoesNotExist:
         return []  # trimmed: the client sees the jump and resyncs
     return [e.data for e in events if int(e.id) < before]

@@ -5,8 +5,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from verity_django import envelopes
 from verity_django.audiences import GLOBAL, InvalidAudience, channel_for, validate_audience
-from verity_django.publishing import storage
+from verity_django.storage import configured
 
 
 class Command(BaseCommand):
@@ -41,7 +42,7 @@ class Command(BaseCommand):
             channels = {channel_for(validate_audience(a)): a for a in audiences}
         except InvalidAudience as exc:
             raise CommandError(str(exc)) from None
-        store = storage()
+        store = configured()
         current = store.get_current_ids(channels)
         since = options["since"]
         positions = {c: current[c] if since is None else min(since, current[c]) for c in channels}
@@ -52,9 +53,16 @@ class Command(BaseCommand):
         deadline = None if options["timeout"] is None else time.monotonic() + options["timeout"]
         try:
             while deadline is None or time.monotonic() < deadline:
-                for channel in channels:
-                    for event in _events_after(store, channel, positions[channel]):
-                        self.stdout.write(event.data)
+                for channel, audience in channels.items():
+                    events, skipped_to = _events_after(store, channel, positions[channel])
+                    if skipped_to is not None:
+                        self.stderr.write(
+                            f"{audience}: seqs {positions[channel] + 1} to {skipped_to} are no "
+                            "longer stored; following on from there"
+                        )
+                        positions[channel] = skipped_to
+                    for event in events:
+                        self.stdout.write(envelopes.public(event.data))
                         self.stdout.flush()
                         positions[channel] = int(event.id)
                         printed += 1
@@ -65,10 +73,11 @@ class Command(BaseCommand):
             return
 
 
-def _events_after(store: Any, channel: str, position: int) -> list[Any]:
+def _events_after(store: Any, channel: str, position: int) -> tuple[list[Any], int | None]:
+    """Events after ``position``, and where to go on from when they are gone."""
     from django_eventstream.storage import EventDoesNotExist
 
     try:
-        return list(store.get_events(channel, position))
+        return list(store.get_events(channel, position)), None
     except EventDoesNotExist as exc:
-        return list(store.get_events(channel, int(exc.current_id)))
+        return [], int(exc.current_id)

@@ -11,8 +11,13 @@ listener manager strictly by id:
 - an envelope published in this process is offered directly and dispatched
   at once when it is the next id;
 - anything else (another process, a management command, a shell, a Celery
-  worker, or an offer that arrived out of order) is read back from storage,
-  one query for all channels every ``POLL_INTERVAL`` seconds.
+  worker, or an offer that arrived out of order) is read back from storage:
+  one query for all channels at least every ``POLL_INTERVAL`` seconds,
+  however many local offers arrive meanwhile.
+
+A position only ever moves forward. A new stream reads what it needs before
+the tailer's position from storage itself (from its ``Last-Event-ID`` or its
+hello), so no client's request can make the tailer re-dispatch history.
 
 With ``EVENTSTREAM_REDIS`` set, django-eventstream's Redis listener delivers
 instead, and no tailer runs.
@@ -23,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from django_eventstream.event import Event
 
 from verity_django.conf import conf
+from verity_django.storage import configured, reader
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +50,7 @@ class Tailer:
         self._offers: list[tuple[str, Event]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        from verity_django.storage import reader
-
+        self._polled = 0.0
         # The streams' reader threads: no database connection of its own.
         self._executor = reader()
 
@@ -55,15 +61,16 @@ class Tailer:
         if self._task is None or self._task.done():
             self._task = self.loop.create_task(self._run(), name="verity-tailer")
 
-    def track(self, starts: dict[str, int]) -> None:
-        """Follow channels from ids a new listener starts at.
+    def track(self, current: dict[str, int]) -> None:
+        """Follow channels a new listener reads, from the storage's current ids
+        as the listener's view read them.
 
-        Never moving a position forward here means a listener added at id N
-        is handed every event after N; its stream drops what it already read.
+        A channel already followed keeps its position: the new stream reads
+        from storage whatever lies before it (django-eventstream registers the
+        listener before that read, so nothing falls between the two).
         """
-        for channel, start in starts.items():
-            known = self.positions.get(channel)
-            self.positions[channel] = start if known is None else min(known, start)
+        for channel, seq in current.items():
+            self.positions.setdefault(channel, seq)
         self.start()
 
     def offer_threadsafe(self, channel: str, event: Event) -> None:
@@ -75,8 +82,12 @@ class Tailer:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that lands as the wake-up does, and this task would
+            # then outlive its event loop's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=conf.POLL_INTERVAL)
+                async with asyncio.timeout(conf.POLL_INTERVAL):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._step()
@@ -85,10 +96,6 @@ class Tailer:
                 await asyncio.sleep(conf.POLL_INTERVAL)
 
     async def _step(self) -> None:
-        from verity_django import publishing
-
-        if publishing._retry:
-            await self._in_thread(publishing.retry_failed)
         active = self._active_channels()
         for channel in list(self.positions):
             if channel not in active:
@@ -104,7 +111,10 @@ class Tailer:
                 self._dispatch(channel, [event])
             elif event_id > position + 1:
                 behind.add(channel)
-        if not offers or behind:
+        now = time.monotonic()
+        if not offers or behind or now - self._polled >= conf.POLL_INTERVAL:
+            # Other processes' envelopes are only found by asking storage.
+            self._polled = now
             behind |= await self._channels_behind()
         for channel in behind:
             await self._catch_up(channel)
@@ -147,18 +157,14 @@ class Tailer:
 
 
 def _current_ids(channels: Iterable[str]) -> dict[str, int]:
-    from verity_django.publishing import storage
-
-    return storage().get_current_ids(channels)
+    return configured().get_current_ids(channels)
 
 
 def _events_after(channel: str, position: int) -> tuple[list[Event], int | None]:
     from django_eventstream.storage import EventDoesNotExist
 
-    from verity_django.publishing import storage
-
     try:
-        return list(storage().get_events(channel, position, limit=_PAGE)), None
+        return list(configured().get_events(channel, position, limit=_PAGE)), None
     except EventDoesNotExist as exc:
         # Trimmed from storage: skip ahead; clients see the seq jump and resync.
         logger.warning("verity_django: %s; skipping to %s", exc, exc.current_id)

@@ -1,0 +1,165 @@
+"""The publisher against transports that accept connections and never answer.
+
+A black-hole TCP listener stands in for Redis, and separately for Pushpin's
+control port. Mutations must still answer (each with its pull directives)
+and a concurrent one must not queue behind the first; once the transport is
+back, every envelope is stored exactly once, in seq order.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import AsgiServerFactory
+from .servers import LOOPBACK, RedisServer, free_port, run_manage
+from .sse import VerityConsumer
+
+pytestmark = pytest.mark.anyio
+
+Login = Callable[[str, str, str], httpx.Cookies]
+# A mutation may wait out one transport timeout (1 s by default), never more.
+ANSWER_WITHIN = 2.0
+
+
+class BlackHole:
+    """Accepts TCP connections, reads whatever comes, never answers."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server((LOOPBACK, port))
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def hole_port() -> int:
+    return free_port()
+
+
+def mutate(base_url: str, cookies: httpx.Cookies, todo: int, title: str) -> list[dict[str, Any]]:
+    with httpx.Client(base_url=base_url, cookies=cookies, timeout=ANSWER_WITHIN) as client:
+        response = client.patch(
+            f"/api/todos/{todo}/",
+            json={"title": title},
+            headers={
+                "X-CSRFToken": cookies["csrftoken"],
+                "X-Verity-Directive-Request": "send me directives",
+                "X-Client-ID": "window-a",
+            },
+        )
+    assert response.status_code == 200, response.text
+    directives: list[dict[str, Any]] = response.json()["directives"]
+    assert directives
+    return directives
+
+
+def mutate_concurrently(base_url: str, cookies: httpx.Cookies, titles: list[str]) -> list[Any]:
+    # httpx's timeout fails the test if either waits beyond one transport timeout.
+    with ThreadPoolExecutor(len(titles)) as pool:
+        return list(pool.map(lambda t: mutate(base_url, cookies, 1, t), titles))
+
+
+async def test_a_black_hole_redis_never_holds_up_requests_and_nothing_is_lost(
+    asgi_server_factory: AsgiServerFactory, login: Login, hole_port: int
+) -> None:
+    hole = BlackHole(hole_port)
+    server = asgi_server_factory({"VERITY_REDIS": f"{LOOPBACK}:{hole_port}"})
+    cookies = login(server.base_url, "alice", "alice-password")
+    pulled = mutate_concurrently(server.base_url, cookies, ["one", "two"])
+    pulled += [mutate(server.base_url, cookies, 1, f"later-{i}") for i in range(3)]
+    hole.close()
+    with RedisServer(port=hole_port) as redis_server:
+        import redis
+
+        client = redis.Redis(host=LOOPBACK, port=redis_server.port)
+        me = httpx.get(f"{server.base_url}/api/auth/me/", cookies=cookies).json()
+        channel = f"verity.user-{me['id']}"
+        stored: list[dict[str, Any]] = []
+        for _ in range(200):
+            count = int(client.get(f"verity:counter:{channel}") or 0)
+            if count >= len(pulled):
+                break
+            await _sleep(0.1)
+        for seq in range(1, len(pulled) + 1):
+            raw = client.get(f"verity:event:{channel}:{seq}")
+            assert raw is not None, seq
+            stored.append(json.loads(json.loads(raw)["data"]))
+    # Each mutation's envelope exactly once, in the order the mutations
+    # committed, carrying the keys of its pull copy.
+    keys = [{x["idempotency_key"] for x in envelope["directives"]} for envelope in stored]
+    expected = [{x["idempotency_key"] for x in directives} for directives in pulled]
+    assert sorted(map(sorted, keys)) == sorted(map(sorted, expected))
+    assert keys[2:] == expected[2:]
+    assert [e["seq"] for e in stored] == list(range(1, len(pulled) + 1))
+
+
+async def test_a_black_hole_pushpin_control_port_never_holds_up_requests(
+    asgi_server_factory: AsgiServerFactory, login: Login, hole_port: int
+) -> None:
+    hole = BlackHole(hole_port)
+    try:
+        server = asgi_server_factory({"VERITY_GRIP_URL": f"http://{LOOPBACK}:{hole_port}"})
+        cookies = login(server.base_url, "alice", "alice-password")
+        me = httpx.get(f"{server.base_url}/api/auth/me/", cookies=cookies).json()
+        audience = f"user-{me['id']}"
+        async with VerityConsumer(server.base_url, (audience,), "window-b", cookies) as b:
+            await b.wait_for(lambda c: len(c.hellos) >= 1, 15)
+            start = b.hellos[0].last_seq
+            pulled = await _in_thread(mutate_concurrently, server.base_url, cookies, ["x", "y"])
+            for i in range(3):
+                pulled.append(await _in_thread(mutate, server.base_url, cookies, 1, f"z{i}"))
+            await b.wait_for(lambda c: len(c.received.get(audience, [])) >= len(pulled), 30)
+        # Direct streams get every envelope once, in seq order, while the
+        # proxy's control port swallows the GRIP publishes.
+        assert b.received[audience] == list(range(start + 1, start + len(pulled) + 1))
+    finally:
+        hole.close()
+
+
+async def test_a_management_command_envelope_reaches_a_connected_client(
+    asgi_server_factory: AsgiServerFactory, login: Login
+) -> None:
+    server = asgi_server_factory()
+    cookies = login(server.base_url, "alice", "alice-password")
+    async with VerityConsumer(server.base_url, ("global",), "window-c", cookies) as c:
+        await c.wait_for(lambda x: len(x.hellos) >= 1, 15)
+        env = {k: v for k, v in server.env.items() if k.startswith("VERITY_")}
+        await _in_thread(
+            run_manage, "verity_emit", '{"op":"refresh_collection","name":"from-cli"}', env=env
+        )
+        await c.wait_for(lambda x: len(x.envelopes) >= 1, 15)
+    [envelope] = c.envelopes
+    assert [d["name"] for d in envelope.directives] == ["from-cli"]
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+async def _in_thread(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    import asyncio
+
+    return await asyncio.to_thread(func, *args, **kwargs)
