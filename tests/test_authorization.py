@@ -323,7 +323,7 @@ def todo_rules(
     result: Callable[[Todo], Any], audience: Any = "owner", **item: Any
 ) -> Iterator[None]:
     """Replace Todo's own RefreshItem with one that carries ``result``, for a test."""
-    original = registry._declared[Todo]
+    original = registry.declaration(Todo)
     directives = [
         RefreshItem("todo", result=result, **item)
         if isinstance(rule, RefreshItem) and rule.name == "todo"

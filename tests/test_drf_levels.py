@@ -46,7 +46,7 @@ LEVEL_NAMES = [None, "simplified", "expanded"]
 @contextmanager
 def todo_result(result: Any, audience: Any = "owner") -> Iterator[None]:
     """Todo's own RefreshItem with ``result``, for one test."""
-    original = registry._declared[Todo]
+    original = registry.declaration(Todo)
     directives = [
         RefreshItem("todo", result=result)
         if isinstance(rule, RefreshItem) and rule.name == "todo"

@@ -635,7 +635,7 @@ def fuzz_rules() -> Iterator[None]:
     from verity_django import registry
     from verity_django.rules import RefreshCollection, RefreshItem
 
-    original = registry._declared[Todo]
+    original = registry.declaration(Todo)
     verity_django.register(
         Todo,
         directives=[

@@ -17,7 +17,7 @@ from tests.test_stream import messages
 from verity_django import directives as d
 from verity_django import positions
 from verity_django.positions import History
-from verity_django.publishing import publish_or_raise
+from verity_django.publishing import publish_now
 
 # --------------------------------------------------------------------------
 # The history against an oracle
@@ -140,7 +140,7 @@ async def connect(user: Any, client_id: str) -> tuple[AsyncClient, Any]:
 
 async def publish(n: int, prefix: str) -> None:
     for i in range(n):
-        await sync_to_async(publish_or_raise)("global", [d.refresh_collection(f"{prefix}{i}")])
+        await sync_to_async(publish_now)("global", [d.refresh_collection(f"{prefix}{i}")])
 
 
 async def close(stream: Any) -> None:

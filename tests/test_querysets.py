@@ -112,7 +112,7 @@ def test_large_update_filtered_by_owner_needs_no_query_for_audiences(
 @pytest.mark.parametrize("rows", [2, 8])
 @override_settings(VERITY={"COLLAPSE_THRESHOLD": 5})
 def test_update_tells_callable_audiences_of_the_rows_as_they_are_now(alice: Any, rows: int) -> None:
-    declared = registry._declared[Project]
+    declared = registry.declaration(Project)
     verity_django.register(
         Project, directives=[RefreshCollection("projects")], audience=lambda p: f"team-{p.name}"
     )
@@ -200,7 +200,7 @@ def test_update_with_a_callable_audience_costs_no_query_per_row(alice: Any) -> N
     """Issue 10, finding 7: the callable reads ``todo.project`` of every row."""
     red = Project.objects.create(name="red", owner=alice)
     blue = Project.objects.create(name="blue", owner=alice)
-    declared = registry._declared[Todo]
+    declared = registry.declaration(Todo)
     verity_django.register(Todo, directives=declared.directives, audience=team_of_project)
     try:
         make_todos(alice, red, 150)

@@ -22,7 +22,7 @@ from verity_django.testing import capture_directives
 @contextmanager
 def declared(model: Any, **declaration: Any) -> Iterator[None]:
     """Give ``model`` other rules for the length of a test."""
-    original = registry._declared.get(model)
+    original = registry.declaration(model)
     verity_django.register(model, **declaration)
     try:
         yield
@@ -41,7 +41,7 @@ def declared(model: Any, **declaration: Any) -> Iterator[None]:
 def todo_rules(audience: Any) -> Any:
     return declared(
         Todo,
-        directives=registry._declared[Todo].directives,
+        directives=registry.declaration(Todo).directives,
         audience=audience,
         relations=["tags"],
     )

@@ -11,7 +11,7 @@ from django.test import Client
 
 from verity_django import directives as d
 from verity_django import envelopes
-from verity_django.views import _Connection
+from verity_django.views import _Subscriber
 
 MINE = "a" * envelopes.TAG_LENGTH
 OTHER = "b" * envelopes.TAG_LENGTH
@@ -83,15 +83,15 @@ def envelope(seq: int, origin: str | None = None, audience: str = "global") -> s
 
 
 def test_rewrite_drops_envelopes_already_delivered() -> None:
-    connection = _Connection({"global": 2}, None)
-    out = asyncio.run(connection.rewrite(envelope(2) + envelope(3) + envelope(3) + envelope(4)))
+    subscriber = _Subscriber({"global": 2}, None)
+    out = asyncio.run(subscriber.rewrite(envelope(2) + envelope(3) + envelope(3) + envelope(4)))
     seqs = [json.loads(line[6:])["seq"] for line in out.splitlines() if line.startswith("data: ")]
     assert seqs == [3, 4]
 
 
 def test_rewrite_turns_own_envelope_into_an_empty_one_with_the_same_seq() -> None:
-    connection = _Connection({"global": 0}, MINE)
-    out = asyncio.run(connection.rewrite(envelope(1, MINE) + envelope(2, OTHER) + envelope(3)))
+    subscriber = _Subscriber({"global": 0}, MINE)
+    out = asyncio.run(subscriber.rewrite(envelope(1, MINE) + envelope(2, OTHER) + envelope(3)))
     datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
     assert datas[0] == {"type": "directives", "seq": 1, "audience": "global", "directives": []}
     # Nobody is ever shown an origin tag, nor a source.
@@ -104,8 +104,8 @@ def test_rewrite_turns_own_envelope_into_an_empty_one_with_the_same_seq() -> Non
 
 
 def test_a_connection_without_an_owner_tag_blanks_nothing() -> None:
-    connection = _Connection({"global": 0}, None)
-    out = asyncio.run(connection.rewrite(envelope(1, MINE)))
+    subscriber = _Subscriber({"global": 0}, None)
+    out = asyncio.run(subscriber.rewrite(envelope(1, MINE)))
     [data] = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
     assert data["directives"] and "origin" not in data
 
@@ -134,9 +134,9 @@ def test_an_envelope_that_cannot_be_encoded_is_refused_with_its_audience() -> No
 
 
 def test_rewrite_keeps_keep_alives_and_other_events() -> None:
-    connection = _Connection({"global": 0}, MINE)
+    subscriber = _Subscriber({"global": 0}, MINE)
     text = "event: keep-alive\ndata:\n\n"
-    assert asyncio.run(connection.rewrite(text)) == text
+    assert asyncio.run(subscriber.rewrite(text)) == text
 
 
 def test_rewrite_fills_a_gap_from_storage() -> None:
@@ -146,18 +146,18 @@ def test_rewrite_fills_a_gap_from_storage() -> None:
         fetched.append((audience, after, before))
         return [envelope(seq).split("data: ", 1)[1].strip() for seq in range(after + 1, before)]
 
-    connection = _Connection({"global": 1}, None, fetch)
-    out = asyncio.run(connection.rewrite(envelope(2) + envelope(5)))
+    subscriber = _Subscriber({"global": 1}, None, fetch)
+    out = asyncio.run(subscriber.rewrite(envelope(2) + envelope(5)))
     seqs = [json.loads(line[6:])["seq"] for line in out.splitlines() if line.startswith("data: ")]
     assert seqs == [2, 3, 4, 5]
     assert fetched == [("global", 2, 5)]
 
 
 def test_rewrite_turns_a_restarted_counter_into_a_hello_reset() -> None:
-    connection = _Connection({"global": 0}, None)
-    asyncio.run(connection.rewrite(envelope(1) + envelope(2) + envelope(3)))
+    subscriber = _Subscriber({"global": 0}, None)
+    asyncio.run(subscriber.rewrite(envelope(1) + envelope(2) + envelope(3)))
     restarted = envelope(2, OTHER)
-    out = asyncio.run(connection.rewrite(restarted + envelope(3, OTHER)))
+    out = asyncio.run(subscriber.rewrite(restarted + envelope(3, OTHER)))
     datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
     assert datas[0] == {"type": "hello", "audience": "global", "last_seq": 0}
     assert [x["seq"] for x in datas[1:]] == [2, 3]
@@ -174,16 +174,16 @@ def test_rewrite_counts_again_from_zero_once_the_storage_lost_its_data() -> None
     async def current_epoch() -> str:
         return epoch
 
-    connection = _Connection(
+    subscriber = _Subscriber(
         {"global": 0, "user-1": 7}, None, fetch, epoch="before", current_epoch=current_epoch
     )
-    asyncio.run(connection.rewrite("".join(envelope(seq) for seq in range(1, 41))))
+    asyncio.run(subscriber.rewrite("".join(envelope(seq) for seq in range(1, 41))))
     # An old seq handed over again, storage unchanged: dropped.
-    assert asyncio.run(connection.rewrite(envelope(3))) == ""
+    assert asyncio.run(subscriber.rewrite(envelope(3))) == ""
     epoch = "after"
     # Redis came back empty; seq 1 and 2 of the new count went out before
     # this stream subscribed again.
-    out = asyncio.run(connection.rewrite(envelope(3) + envelope(4)))
+    out = asyncio.run(subscriber.rewrite(envelope(3) + envelope(4)))
     datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("data: ")]
     assert datas[:2] == [
         {"type": "hello", "audience": "global", "last_seq": 0},
@@ -191,35 +191,35 @@ def test_rewrite_counts_again_from_zero_once_the_storage_lost_its_data() -> None
     ]
     assert [x["seq"] for x in datas[2:]] == [1, 2, 3, 4]
     assert fetched[-1] == ("global", 0, 3)
-    assert connection.delivered == {"global": 4, "user-1": 0}
+    assert subscriber.delivered == {"global": 4, "user-1": 0}
 
 
 def test_rewrite_turns_a_stream_reset_into_hellos_that_force_a_resync() -> None:
-    connection = _Connection({"global": 20, "user-1": 3}, None)
+    subscriber = _Subscriber({"global": 20, "user-1": 3}, None)
     reset = (
         "event: stream-reset\nid: verity.global:10,verity.user-1:3\n"
         'data: {"channels": ["verity.global"]}\n\n'
     )
-    out = asyncio.run(connection.rewrite(reset))
+    out = asyncio.run(subscriber.rewrite(reset))
     datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith('data: {"type')]
     assert {"type": "hello", "audience": "global", "last_seq": 0} in datas
     assert {"type": "hello", "audience": "global", "last_seq": 10} in datas
-    assert connection.delivered["global"] == 10
+    assert subscriber.delivered["global"] == 10
 
 
 def test_a_stream_reset_sends_hellos_only_for_the_channels_it_reset() -> None:
-    connection = _Connection({"global": 4, "user-1": 3}, None)
+    subscriber = _Subscriber({"global": 4, "user-1": 3}, None)
     reset = (
         "event: stream-reset\nid: verity.global:4,verity.user-1:9\n"
         'data: {"channels": ["verity.user-1"]}\n\n'
     )
-    out = asyncio.run(connection.rewrite(reset))
+    out = asyncio.run(subscriber.rewrite(reset))
     datas = [json.loads(line[6:]) for line in out.splitlines() if line.startswith('data: {"type')]
     assert datas == [
         {"type": "hello", "audience": "user-1", "last_seq": 0},
         {"type": "hello", "audience": "user-1", "last_seq": 9},
     ]
-    assert connection.delivered == {"global": 4, "user-1": 9}
+    assert subscriber.delivered == {"global": 4, "user-1": 9}
 
 
 @pytest.mark.parametrize(

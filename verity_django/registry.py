@@ -162,6 +162,11 @@ def get(model: type[models.Model]) -> ModelRules | None:
     return _registry.get(model)
 
 
+def declaration(model: type[models.Model]) -> Declaration | None:
+    """What was declared for ``model`` (its Meta or ``register()``), as given."""
+    return _declared.get(model)
+
+
 def rules_for(model: type[models.Model]) -> RulesOf | None:
     return _applicable.get(model)
 

@@ -293,7 +293,7 @@ class BoundItem:
                     self.model_label, f"{rule!r} field {rule.id!r}", json_id, problem
                 )
                 for name in self.collapse_to:
-                    yield _whole_or_params(name, None, "exact"), (), side
+                    yield _shared_collection(name, None, "exact"), (), side
                 continue
             yield self._directive(json_id, event, instance), self.collapse_to, side
 
@@ -431,7 +431,7 @@ class BoundCollection:
                 report_user_code_error(
                     self.model_label, f"{rule!r}", rule.idempotency_key, f"gave {exc}"
                 )
-        return _whole_or_params(rule.name, params, mode)
+        return _shared_collection(rule.name, params, mode)
 
 
 def evaluate(
@@ -461,11 +461,11 @@ def _states(
 
 def to_json_value(value: Any) -> Any:
     """Field values as they appear in params and ids on the wire."""
+    # The exact-type test first: it is every value of a plain field, on every save.
     if value is None or type(value) in (str, bool, int, float):
         return value
-    # Choices members (TextChoices, IntegerChoices) as the plain value they are.
-    if isinstance(value, bool):
-        return bool(value)
+    # Choices members (TextChoices, IntegerChoices) as the plain value they are
+    # (bool cannot be subclassed, so the test above caught every bool).
     if isinstance(value, str):
         return str(value)
     if isinstance(value, int):
@@ -513,7 +513,7 @@ def _item(name: str, id_type: str, item_id: Any, level: str | None) -> d.Directi
 
 
 @functools.lru_cache(maxsize=4096)
-def _whole_or_params(name: str, params: _ParamsKey | None, mode: str) -> d.Directive:
+def _shared_collection(name: str, params: _ParamsKey | None, mode: str) -> d.Directive:
     return d.Directive.trusted(
         op="refresh_collection", name=name, params=_params_dict(params), params_mode=mode
     )

@@ -25,7 +25,7 @@ proxy's paging and recovery) count only on a request that came through the
 proxy; ``Grip-Last`` values that are not seqs are ignored.
 
 :func:`_starts` is where each stream's starting seq per channel is decided,
-and :class:`_Connection` is where every envelope of one connection passes.
+and :class:`_Subscriber` is where every envelope of one connection passes.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ async def _stream(
     # every storage re-read; the storage then releases that thread's
     # database connection (see storage.streaming).
     streaming.set(True)
-    connection = _Connection(
+    subscriber = _Subscriber(
         {channels[c]: seq for c, seq in starts.items()},
         tag,
         _fetch_stored,
@@ -260,10 +260,10 @@ async def _stream(
         del chunk
         if first:
             text = _after_stream_open(text, hellos)
-        out = (await connection.rewrite(text)).encode()
+        out = (await subscriber.rewrite(text)).encode()
         del text
         if tracker is not None:
-            tracker.wrote(connection.delivered)
+            tracker.wrote(subscriber.delivered)
         if out:
             yield out
         del out
@@ -283,7 +283,7 @@ def _close_idle_connections() -> None:
             connection.close()
 
 
-class _Connection:
+class _Subscriber:
     """What one SSE connection has received, and who its client is."""
 
     def __init__(
