@@ -230,6 +230,11 @@ _Outcome = Literal["streamed", "refused", "failed"]
 # The Verity client's idempotency memory.
 IDEMPOTENCY_TTL = 5 * 60.0
 IDEMPOTENCY_MAX_KEYS = 2048
+OPS = frozenset({"refresh_item", "refresh_collection", "invalidate", "force_reload_page"})
+# What the client did with one directive: applied it, dropped it as its own
+# (a pushed directive whose source is this client), skipped it (key seen), or
+# refused it (not a directive of the contract).
+DirectiveOutcome = Literal["applied", "echo", "skip", "invalid"]
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,8 @@ class Envelope:
     # At or below the seq the client held before a hello reset its counter:
     # sent again by a replay, its directives mostly skipped by idempotency key.
     replayed: bool = False
+    # Per directive, in order, once the envelope passed seq bookkeeping.
+    outcomes: list[DirectiveOutcome] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -350,6 +357,8 @@ class VerityConsumer:
     connected: bool = field(default=False, init=False)  # a 200 stream is open now
 
     def __post_init__(self) -> None:
+        # The idempotency memory's clock; the protocol vectors set their own.
+        self.clock: Callable[[], float] = time.monotonic
         self._seen: dict[tuple[str, int], dict[str, Any]] = {}
         # idempotency_key -> when first seen (monotonic); insertion order is age.
         self._keys: dict[str, float] = {}
@@ -554,25 +563,49 @@ class VerityConsumer:
             self.gaps.append(Gap(connection, audience, previous, seq, "directives"))
             self.resyncs.append(Resync(connection, audience, "directives"))
         self.tracked[audience] = seq if previous is None else max(previous, seq)
-        for directive in directives:
-            self._apply(directive)
+        envelope.outcomes.extend(self._apply(directive, pushed=True) for directive in directives)
 
-    def _apply(self, directive: Any) -> None:
-        key = directive.get("idempotency_key") if isinstance(directive, dict) else None
+    def feed(self, connection: int, event: SSEEvent) -> None:
+        """Handle one SSE event as if it arrived on ``connection``."""
+        self._handle_event(connection, event)
+
+    def pulled(self, directives: list[Any]) -> list[DirectiveOutcome]:
+        """Apply a mutation response's directives, as the page does with
+        ``DL.applyDirectives``: their keys then count for the pushed copies."""
+        return [self._apply(directive, pushed=False) for directive in directives]
+
+    def _apply(self, directive: Any, *, pushed: bool) -> DirectiveOutcome:
+        if not isinstance(directive, dict) or directive.get("op") not in OPS:
+            return "invalid"
+        op = directive["op"]
+        # A pulled directive names this client as its source because this
+        # client caused it; a pushed one is this client's own echo.
+        if pushed and op != "force_reload_page" and directive.get("source") == self.client_id:
+            return "echo"
+        key = directive.get("idempotency_key")
         if key is not None and self._key_seen(str(key)):
             self.skipped.append(directive)
-        else:
-            self.applied.append(directive)
+            return "skip"
+        if op == "invalidate":
+            targets = directive.get("targets")
+            outcomes = [self._apply(t, pushed=pushed) for t in targets or []]
+            if not isinstance(targets, list) or "applied" not in outcomes:
+                return "skip" if isinstance(targets, list) and targets else "invalid"
+        self.applied.append(directive)
+        return "applied"
 
     def _key_seen(self, key: str) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         for old, at in list(self._keys.items()):
-            if at > now - IDEMPOTENCY_TTL and len(self._keys) < IDEMPOTENCY_MAX_KEYS:
+            if now - at <= IDEMPOTENCY_TTL:
                 break
             del self._keys[old]
         if key in self._keys:
             return True
         self._keys[key] = now
+        # The oldest go first once more than the client keeps are seen.
+        while len(self._keys) > IDEMPOTENCY_MAX_KEYS:
+            del self._keys[next(iter(self._keys))]
         return False
 
     # -- recording -----------------------------------------------------------

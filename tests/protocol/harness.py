@@ -23,9 +23,9 @@ An observation has these fields:
   resync's refetches count for the step that caused it.
 - ``reloads``: ``soft`` or ``hard``, per page reload.
 
-``VerityConsumer`` keeps no cache and no pull path, so it cannot tell what a
-client would fetch or reload: ``PYTHON_UNMODELLED`` lists those fields, which
-its observations leave out, and its observation of a pull step is empty.
+``VerityConsumer`` keeps no cache, so it cannot tell what a client would
+fetch or reload: ``PYTHON_UNMODELLED`` lists those fields, which its
+observations leave out. Its idempotency memory runs on a clock the steps move.
 """
 
 from __future__ import annotations
@@ -234,13 +234,24 @@ def python_consumer(world: Mapping[str, Any]) -> VerityConsumer:
 def run_python(world: Mapping[str, Any], vector: Mapping[str, Any]) -> list[Observation | None]:
     """Feeds the steps to a ``VerityConsumer`` as SSE bytes, with no network."""
     consumer = python_consumer(world)
+    now = [0.0]
+    consumer.clock = lambda: now[0]
     parser = SSEParser()
     observations: list[Observation | None] = []
     for step in vector["steps"]:
         if "pull" in step:
-            observations.append(None)
+            outcomes = consumer.pulled(step["pull"])
+            observations.append(
+                {
+                    "outcome": "applied" if "applied" in outcomes else "skipped",
+                    "seqs": dict(consumer.tracked),
+                    "resync": False,
+                    "directives": list(outcomes),
+                }
+            )
             continue
         if "wait_ms" in step:
+            now[0] += step["wait_ms"] / 1000
             observations.append(
                 {
                     "outcome": "waited",
@@ -266,10 +277,10 @@ def _push_to_python(
     )
     wire = "data: " + json.dumps(envelope) + "\n\n"
     for event in parser.feed(wire.encode()):
-        consumer._handle_event(1, event)
+        consumer.feed(1, event)
     envelopes, gaps = consumer.envelopes[counts[0] :], consumer.gaps[counts[1] :]
     errors = consumer.errors[counts[3] :]
-    applied: list[str] = []
+    outcomes: list[str] = []
     if errors:
         outcome = "error: " + errors[0].kind
     elif envelope.get("type") == "hello":
@@ -284,14 +295,18 @@ def _push_to_python(
     elif envelopes and envelopes[0].echo_dropped:
         outcome = "echo"
     else:
-        # VerityConsumer.directives: every directive of an envelope it did not drop.
-        applied = ["applied" for _ in envelopes[0].directives] if envelopes else []
-        outcome = "gap" if gaps else ("applied" if applied else "seq-only")
+        outcomes = list(envelopes[0].outcomes) if envelopes else []
+        if gaps:
+            outcome = "gap"
+        elif not outcomes:
+            outcome = "seq-only"
+        else:
+            outcome = "applied" if "applied" in outcomes else "skipped"
     return {
         "outcome": outcome,
         "seqs": dict(consumer.tracked),
         "resync": len(consumer.resyncs) > counts[2],
-        "directives": applied,
+        "directives": outcomes,
     }
 
 

@@ -381,6 +381,8 @@ export function createVerityClient({
     } else if ("data" in r) {
       given = [[normalizeLevel(r.level), r.data, r.ts]];
     }
+    // A level the type does not declare is not the client's to keep.
+    given = given.filter(([level]) => rank(d.name, level) >= 0);
     if (!given.length) return [];
     const entry = itemEntry(d.name, d.id);
     directWrites += 1;
