@@ -104,8 +104,7 @@ async def test_own_envelope_arrives_empty_and_a_borrowed_id_blanks_nothing(
     response = await open_stream(alice, f"audience={audience}&client_id=me")
     stream = response.streaming_content
     [hello] = await messages(stream, 1)
-    # Alice's own page, then Bob presenting Alice's client id (he may edit
-    # her todo here: the demo only filters what he sees).
+    # Alice's own page, then another page of hers.
     await sync_to_async(patch_as)(alice, "me", todo.pk)
     await sync_to_async(patch_as)(alice, "other-page", todo.pk)
     own, foreign = await messages(stream, 2)
@@ -117,6 +116,47 @@ async def test_own_envelope_arrives_empty_and_a_borrowed_id_blanks_nothing(
     }
     assert foreign["seq"] == hello["last_seq"] + 2
     assert foreign["directives"] and "origin" not in foreign and "source" not in foreign
+    await stream.aclose()
+
+
+def patch_project_as(user: Any, client_id: str, project_id: int) -> None:
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_login(user)
+    response = api.patch(
+        f"/api/projects/{project_id}/",
+        {"name": client_id},
+        format="json",
+        HTTP_X_CLIENT_ID=client_id,
+    )
+    assert response.status_code == 200
+
+
+async def test_another_user_presenting_a_client_id_blanks_nothing_of_its_owner(
+    alice: Any, bob: Any
+) -> None:
+    """Bob copies the client id of Alice's page: his changes still reach that
+    page in full (only Alice's own change comes back as the empty echo)."""
+    from tests.testapp.models import Project
+
+    project = await Project.objects.acreate(name="p", owner=alice)
+    response = await open_stream(alice, "audience=global&client_id=alices-page")
+    stream = response.streaming_content
+    [hello] = await messages(stream, 1)
+    await sync_to_async(patch_project_as)(bob, "alices-page", project.pk)
+    await sync_to_async(patch_project_as)(alice, "alices-page", project.pk)
+    borrowed, own = await messages(stream, 2)
+    assert borrowed["seq"] == hello["last_seq"] + 1
+    assert {x["op"] for x in borrowed["directives"]} == {"refresh_item", "refresh_collection"}
+    assert "source" not in borrowed
+    assert all("source" not in x for x in borrowed["directives"])
+    assert own == {
+        "type": "directives",
+        "seq": hello["last_seq"] + 2,
+        "audience": "global",
+        "directives": [],
+    }
     await stream.aclose()
 
 
