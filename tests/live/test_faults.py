@@ -1389,9 +1389,16 @@ def test_transactions_on_postgresql(postgres_database: str) -> None:
 def test_storage_and_bulk_paths_on_postgresql(postgres_database: str) -> None:
     """Storage (one-statement appends there) and update() audiences on PostgreSQL."""
     output = pytest_on_postgresql(
-        postgres_database,
-        "tests/test_storage.py",
-        "tests/test_querysets.py",
-        "tests/test_publishing.py",
+        postgres_database, "tests/test_storage.py", "tests/test_querysets.py"
     )
     assert re.search(r"\b\d+ passed\b", output) and " failed" not in output, output
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="open bug (issue 11): on PostgreSQL five publisher tests find one stored envelope "
+    "more than they published (an envelope left from an earlier test, or stored twice)",
+)
+def test_publisher_on_postgresql(postgres_database: str) -> None:
+    pytest_on_postgresql(postgres_database, "tests/test_publishing.py")

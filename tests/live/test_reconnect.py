@@ -411,6 +411,12 @@ async def _reconnect_user_audience(
     return again
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="open bug (issue 11): on PostgreSQL the store's test finds one envelope more than "
+    "it published, as test_publisher_on_postgresql does",
+)
 def test_database_positions_on_postgresql(postgres_database: str) -> None:
     """The positions unit tests again, with the database store on PostgreSQL."""
     from .servers import REPO_ROOT
