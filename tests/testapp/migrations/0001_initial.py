@@ -26,6 +26,16 @@ class Migration(migrations.Migration):
             },
         ),
         migrations.CreateModel(
+            name='Column',
+            fields=[
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('name', models.CharField(max_length=50)),
+            ],
+            options={
+                'ordering': ['id'],
+            },
+        ),
+        migrations.CreateModel(
             name='Card',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
@@ -34,16 +44,7 @@ class Migration(migrations.Migration):
                 ('priority', models.IntegerField(default=0)),
                 ('assignee', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='assigned_cards', to=settings.AUTH_USER_MODEL)),
                 ('board', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='cards', to='testapp.board')),
-            ],
-            options={
-                'ordering': ['id'],
-            },
-        ),
-        migrations.CreateModel(
-            name='Column',
-            fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=50)),
+                ('column', models.ForeignKey(default=tests.testapp.models.board.backlog_column, on_delete=django.db.models.deletion.SET_DEFAULT, related_name='cards', to='testapp.column')),
             ],
             options={
                 'ordering': ['id'],
@@ -86,11 +87,6 @@ class Migration(migrations.Migration):
                 'ordering': ['id'],
             },
             bases=('testapp.card',),
-        ),
-        migrations.AddField(
-            model_name='card',
-            name='column',
-            field=models.ForeignKey(default=tests.testapp.models.board.backlog_column, on_delete=django.db.models.deletion.SET_DEFAULT, related_name='cards', to='testapp.column'),
         ),
         migrations.CreateModel(
             name='Comment',
