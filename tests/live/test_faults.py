@@ -1394,11 +1394,9 @@ def test_storage_and_bulk_paths_on_postgresql(postgres_database: str) -> None:
     assert re.search(r"\b\d+ passed\b", output) and " failed" not in output, output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open bug (issue 11): on PostgreSQL five publisher tests find one stored envelope "
-    "more than they published (an envelope left from an earlier test, or stored twice)",
-)
 def test_publisher_on_postgresql(postgres_database: str) -> None:
-    pytest_on_postgresql(postgres_database, "tests/test_publishing.py")
+    """The publisher's tests on PostgreSQL, in a run of their own: after
+    test_storage and test_querysets in the same run they find one stored
+    envelope more than they published (an open isolation problem)."""
+    output = pytest_on_postgresql(postgres_database, "tests/test_publishing.py")
+    assert re.search(r"\b\d+ passed\b", output) and " failed" not in output, output

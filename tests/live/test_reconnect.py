@@ -414,8 +414,8 @@ async def _reconnect_user_audience(
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="open bug (issue 11): on PostgreSQL the store's test finds one envelope more than "
-    "it published, as test_publisher_on_postgresql does",
+    reason="open bug: on PostgreSQL one of the store's tests finds one stored envelope more "
+    "than it published (the isolation problem test_publisher_on_postgresql works around)",
 )
 def test_database_positions_on_postgresql(postgres_database: str) -> None:
     """The positions unit tests again, with the database store on PostgreSQL."""
