@@ -412,9 +412,10 @@ async def _reconnect_user_audience(
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: the failure depends on what earlier tests of the run left.
+    strict=False,
     raises=AssertionError,
-    reason="open bug: on PostgreSQL one of the store's tests finds one stored envelope more "
+    reason="open bug: on PostgreSQL one of the store's tests can find one stored envelope more "
     "than it published (the isolation problem test_publisher_on_postgresql works around)",
 )
 def test_database_positions_on_postgresql(postgres_database: str) -> None:
