@@ -287,3 +287,19 @@ def test_rolled_back_request_consumes_no_seq(alice: Any) -> None:
 def test_counters_describe_the_backlog() -> None:
     snapshot = counters.as_dict()
     assert set(snapshot) >= {"depth", "oldest_age", "published", "failed", "dropped", "retried"}
+
+
+def test_reset_waits_for_a_run_already_in_storage(blocking: BlockingStorage) -> None:
+    # Tests reset between tests: a run still in storage must land before the
+    # next test's database exists, or it stores an envelope there.
+    first = threading.Thread(target=publishing.deliver, args=(_batch("global", "a"),))
+    first.start()
+    assert blocking.entered.wait(5)
+    resetting = threading.Thread(target=publishing.reset)
+    resetting.start()
+    resetting.join(0.3)
+    assert resetting.is_alive(), "reset() returned while a run was still in storage"
+    blocking.release.set()
+    resetting.join(5)
+    first.join(5)
+    assert blocking.stored == ["verity.global"]

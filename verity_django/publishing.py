@@ -205,7 +205,7 @@ def flush(timeout: float | None = None) -> bool:
 
 
 def reset() -> None:
-    """Forget the backlog and the breaker (tests)."""
+    """Forget the backlog and the breaker (tests), once a run in flight has landed."""
     _publisher.reset()
 
 
@@ -245,6 +245,13 @@ class _Publisher:
         self.thread: threading.Thread | None = None
 
     def reset(self) -> None:
+        with self.lock:
+            self.queue.clear()
+        # A run already handed to storage still lands: wait for it, so that it
+        # cannot store an envelope into whatever comes next (the next test's
+        # database).
+        if self.publishing.acquire(timeout=conf.FLUSH_TIMEOUT):
+            self.publishing.release()
         with self.lock:
             self.queue.clear()
             self.lost.clear()
