@@ -61,6 +61,11 @@ class Batch:
     # batch (pull, then push) shows the same idempotency keys.
     _collapsed: dict[str, _Entry] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Checked once here, so that stamping it on every directive need not.
+        if self.source is not None:
+            d.validate_source(self.source)
+
     def add(self, routed: Iterable[Routed]) -> None:
         for item in routed:
             key = item.directive.identity
@@ -349,7 +354,7 @@ def _stamp(directive: d.Directive, source: str | None) -> d.Directive:
         changes["timestamp"] = d.now_ms()
     if source is not None and directive.source is None and directive.op != "force_reload_page":
         changes["source"] = source
-    return directive.with_metadata(**changes) if changes else directive
+    return directive.with_trusted_metadata(**changes) if changes else directive
 
 
 def _add_committed(batch: Batch | None, routed: list[Routed]) -> None:

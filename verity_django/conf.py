@@ -2,9 +2,14 @@
 
 Each setting is a :class:`Setting` on :class:`Settings`: its default, the
 types it accepts, its doc, and any extra condition with its own check ID.
-``conf.NAME`` reads the project's value on every access (``override_settings``
-works), and :mod:`verity_django.checks` validates the same declarations, so
-what the checks accept is exactly what the code reads.
+``conf.NAME`` reads the project's value on every access, and
+:mod:`verity_django.checks` validates the same declarations, so what the
+checks accept is exactly what the code reads.
+
+The ``VERITY`` dict itself is looked up once and again after every
+``setting_changed`` (``override_settings``, pytest-django's ``settings``), as
+DRF's ``api_settings`` does: through ``LazySettings`` the lookup was a third
+of a read, and settings are read on every save (bench W1, W4).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
 from django.conf import settings
+from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 T = TypeVar("T")
@@ -32,8 +38,38 @@ def _same(value: Any) -> Any:
     return value
 
 
+# The project's VERITY dict (empty when it is absent or not a dict: the
+# checks report that), cached until a setting changes.
+_project: list[dict[str, Any]] = []
+
+
+def _load_project() -> dict[str, Any]:
+    found = getattr(settings, "VERITY", None)
+    project = found if isinstance(found, dict) else {}
+    _project[:] = [project]
+    return project
+
+
+def _forget_project(*, setting: str, **kwargs: Any) -> None:
+    if setting == "VERITY":
+        _project.clear()
+
+
+setting_changed.connect(_forget_project, dispatch_uid="verity_django.conf.setting_changed")
+
+
 def _imported(value: Any) -> Any:
-    return import_string(value) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    # Hooks are read on every request: import_string each time was most of
+    # a read (bench W1). A changed setting is a different string.
+    found = _imports.get(value)
+    if found is None:
+        found = _imports[value] = import_string(value)
+    return found
+
+
+_imports: dict[str, Any] = {}
 
 
 class Setting(Generic[T]):
@@ -72,10 +108,9 @@ class Setting(Generic[T]):
     def __get__(self, instance: Settings | None, owner: type) -> T | Setting[T]:
         if instance is None:
             return self
-        project = getattr(settings, "VERITY", None)
-        if isinstance(project, dict) and self.name in project:
-            return self.cast(project[self.name])
-        return self.cast(self.default)
+        project = _project[0] if _project else _load_project()
+        value = project.get(self.name, self.default)
+        return value if self.cast is _same else self.cast(value)
 
     def accepts_type(self, value: Any) -> bool:
         if self.importable and (isinstance(value, str) or callable(value)):

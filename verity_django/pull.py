@@ -22,12 +22,13 @@ from verity_django.conf import conf
 
 REQUEST_HEADER = "X-Verity-Directive-Request"
 REQUEST_VALUE = "send me directives"
+_REQUEST_META_KEY = "HTTP_" + REQUEST_HEADER.upper().replace("-", "_")
 
 
 def wants_directives(request: HttpRequest) -> bool:
     if conf.ALWAYS_INCLUDE_IN_RESPONSES:
         return True
-    value = request.headers.get(REQUEST_HEADER, "")
+    value = request.META.get(_REQUEST_META_KEY, "")
     return " ".join(value.split()).lower() == REQUEST_VALUE
 
 

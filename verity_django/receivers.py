@@ -95,7 +95,7 @@ def _on_post_save(
     # With update_fields only those fields were written; the others keep
     # the values the database still holds.
     new = tracking.written(instance, of.tracked, None if created else update_fields)
-    if not raw and active():
+    if not raw and not batching.is_disabled():
         db = using or DEFAULT_DB_ALIAS
         event = "create" if created else "update"
         old = None if created else tracking.previous(instance)

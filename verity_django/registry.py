@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, TypeVar, overload
 
 from django.apps import apps
@@ -79,12 +80,13 @@ class ModelRules:
     tracked: tuple[str, ...]
     errors: list[checks.CheckMessage] = field(default_factory=list)
 
-    @property
+    # Cached: asked on every save, and the rules of a ModelRules never change.
+    @cached_property
     def needs_instances(self) -> bool:
         """Whether rows read as plain values are not enough to route a change."""
         return self.audience.needs_instance or any(b.needs_instance for b in self.rules)
 
-    @property
+    @cached_property
     def needs_old_instances(self) -> bool:
         """Whether the instance as it was loaded decides an audience (a callable)."""
         return self.audience.needs_instance
