@@ -86,6 +86,10 @@ class _Pending:
     tail: str
     committed: float = field(default_factory=time.monotonic)
     skip: int = 0
+    # Every attempt to store the envelope presents the same token, so that a
+    # retry after an answer that never came cannot store it twice.
+    token: str = field(default_factory=lambda: os.urandom(16).hex())
+    store_attempts: int = 0
     event: Event | None = None
     offered: bool = False
     grip_attempts: int = 0
@@ -407,11 +411,14 @@ class _Publisher:
             )
 
     def _store(self, run: list[_Pending]) -> bool:
+        appends = [
+            Append(x.channel, x.head, x.tail, x.skip, x.token, retried=x.store_attempts > 0)
+            for x in run
+        ]
+        for item in run:
+            item.store_attempts += 1
         try:
-            results = configured().append_many(
-                envelopes.EVENT_TYPE,
-                [Append(x.channel, x.head, x.tail, x.skip) for x in run],
-            )
+            results = configured().append_many(envelopes.EVENT_TYPE, appends)
         except Exception as exc:
             return self._failed(run[0], "store", exc)
         now = time.monotonic()

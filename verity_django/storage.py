@@ -66,6 +66,12 @@ class Append:
     head: str
     tail: str
     skip: int = 0
+    # The same on every attempt to store this envelope. ``retried``: an
+    # earlier attempt may have been stored without its answer arriving (a
+    # timeout after the server ran it), so a storage that can tell returns
+    # that attempt's seq instead of storing the envelope again.
+    token: str = ""
+    retried: bool = False
 
 
 class SequencedStorage(Protocol):
@@ -398,6 +404,10 @@ _insert_targets: dict[tuple[str, Any], str] = {}
 # cross-process pub/sub happen in one script, which Redis runs atomically: the
 # publish order is the id order for every listener in every process.
 _APPEND_SCRIPT = """
+if ARGV[11] == '1' then
+  local earlier = redis.call('GET', KEYS[3])
+  if earlier then return tonumber(earlier) end
+end
 redis.call('SET', KEYS[2], ARGV[9], 'NX')
 local id = redis.call('INCRBY', KEYS[1], tonumber(ARGV[10]))
 local data = ARGV[3]
@@ -407,8 +417,14 @@ if ARGV[8] ~= '' then
   local message = {channel=ARGV[1], event_type=ARGV[2], data=data, pub_id=tostring(id)}
   redis.call('PUBLISH', ARGV[8], cjson.encode(message))
 end
+if ARGV[12] ~= '0' then redis.call('SET', KEYS[3], id, 'EX', tonumber(ARGV[12])) end
 return id
 """
+
+# How long an append's token is kept: longer than a retry can follow the
+# attempt whose answer was lost (the publisher's longest backoff plus a
+# timeout). About 100 bytes of Redis memory per envelope of that window.
+APPEND_TOKEN_TTL = 60
 
 # django-eventstream's RedisListener subscribes to this pub/sub channel.
 PUBSUB_CHANNEL = "events_channel"
@@ -513,7 +529,7 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
     ) -> dict[str, Any]:
         """The append script's arguments for one event."""
         return {
-            "keys": [self._counter_key(item.channel), EPOCH_KEY],
+            "keys": [self._counter_key(item.channel), EPOCH_KEY, f"verity:appended:{item.token}"],
             "args": [
                 item.channel,
                 event_type,
@@ -525,6 +541,8 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
                 PUBSUB_CHANNEL if self._publishes() else "",
                 uuid.uuid4().hex,
                 1 + item.skip,
+                "1" if item.retried and item.token else "0",
+                APPEND_TOKEN_TTL if item.token else 0,
             ],
             "client": client if client is not None else self.client,
         }
