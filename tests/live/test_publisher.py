@@ -163,3 +163,24 @@ async def _in_thread(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     import asyncio
 
     return await asyncio.to_thread(func, *args, **kwargs)
+
+
+def test_a_script_exiting_while_redis_is_a_black_hole_exits_and_logs_what_it_lost(
+    hole_port: int,
+) -> None:
+    """A process that ends while its transport hangs waits ``FLUSH_TIMEOUT``
+    for its backlog, then exits anyway and says what was not published."""
+    hole = BlackHole(hole_port)
+    script = (
+        "from verity_django import directives, emit; emit(directives.refresh_collection('at-exit'))"
+    )
+    try:
+        # The subprocess timeout only keeps a hang from stalling the suite.
+        result = run_manage(
+            "shell", "-c", script, env={"VERITY_REDIS": f"{LOOPBACK}:{hole_port}"}, timeout=60
+        )
+    finally:
+        hole.close()
+    assert result.returncode == 0, result.stderr
+    assert "could not store an envelope for audience 'global'" in result.stderr
+    assert "exiting with 1 envelope(s) not published" in result.stderr
