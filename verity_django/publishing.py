@@ -513,6 +513,15 @@ def _publish_to_grip(channel: str, event: Event) -> None:
     )
 
 
+def publish_to_grip(channel: str, formats: Any, meta: dict[str, str]) -> None:
+    """One blocking publish to every GRIP proxy, bounded like the
+    envelopes' (``GRIP_TIMEOUT``, one try); raises when it fails."""
+    from django_grip import publish
+
+    _bound_grip_clients()
+    publish(channel, formats, meta=meta, blocking=True)
+
+
 _bounded_sessions: set[int] = set()
 
 

@@ -23,6 +23,17 @@ afresh, which is the safe side to err on.
 A cut stream ends with ``event: stream-error`` (condition ``forbidden``)
 and no ``id:``, so a reconnecting ``EventSource`` resumes from the last
 envelope it received, and is authorized again.
+
+Behind a GRIP proxy (Pushpin) no server process holds the streams, so none of
+the above reaches them. Each held stream is therefore also subscribed to
+*control channels* (:func:`held_channels`): one of its user, one of its
+session, and one every held stream shares. Their names are HMACs under
+``SECRET_KEY`` (``verity-cut.<hex>``): no client can guess one, and none
+starts with django-eventstream's ``events-``, so no audience can name one.
+A revocation publishes that same ``stream-error`` and then GRIP's
+``http-stream`` close action to the matching control channel; an audience is
+matched by Pushpin's ``require-sub`` filter (only streams also subscribed to
+that audience's channel are cut).
 """
 
 from __future__ import annotations
@@ -69,6 +80,9 @@ class Counters:
     revocations_recorded: int = 0
     revocations_failed: int = 0
     streams_cut: int = 0
+    # Revocations handed to the GRIP proxy, and those it could not be told of.
+    grip_cuts_sent: int = 0
+    grip_cuts_failed: int = 0
 
 
 counters = Counters()
@@ -119,8 +133,10 @@ def revoke(user: Any = None, audience: str | None = None, *, using: str | None =
     Call it after the change that takes the access away; inside a
     transaction it takes effect when that transaction commits, so that a
     client reconnecting at once is authorized against the committed state.
-    Raises when the revocation could not be recorded (the error is also
-    logged and counted), since streams of other processes would then go on.
+    Raises when the revocation could not be recorded, or handed to the GRIP
+    proxy when one is configured (the error is also logged and counted),
+    since streams of other processes, or those the proxy holds, would then go
+    on.
     """
     user_key = _user_key(user)
     if audience is not None:
@@ -169,6 +185,7 @@ def _record(user: str | None, audience: str | None, session: str | None) -> None
         raise
     _count("revocations_recorded")
     _wake_other_processes()
+    _cut_held_streams(user, audience, session)
 
 
 def _wake_other_processes() -> None:
@@ -179,6 +196,83 @@ def _wake_other_processes() -> None:
     except Exception as exc:
         # Recorded already: the watchers read the storage within seconds anyway.
         logger.warning("verity_django: could not wake other processes for a revocation: %s", exc)
+
+
+# --------------------------------------------------------------------------
+# Streams a GRIP proxy holds
+# --------------------------------------------------------------------------
+
+GRIP_CHANNEL_PREFIX = "verity-cut."
+_EVERY_STREAM = "every-stream"
+
+
+def grip_channel(subject: str) -> str:
+    """The control channel of a user (``user:<pk>``), a session
+    (``session:<tag>``) or of every held stream."""
+    digest = salted_hmac("verity_django.revocation.grip", subject).hexdigest()[:32]
+    return GRIP_CHANNEL_PREFIX + digest
+
+
+def held_channels(stream: Stream) -> list[tuple[str, bool]]:
+    """The control channels a GRIP-held stream subscribes to, each with
+    whether it needs Pushpin's ``require-sub`` filter (cuts of one audience)."""
+    out = [(grip_channel(_EVERY_STREAM), True)]
+    if stream.user is not None:
+        out.append((grip_channel(f"user:{stream.user}"), True))
+    if stream.session is not None:
+        out.append((grip_channel(f"session:{stream.session}"), False))
+    return out
+
+
+def _cut_held_streams(user: str | None, audience: str | None, session: str | None) -> None:
+    """Tell the GRIP proxy to cut the streams it holds that match; outside
+    any lock, one bounded try per publish (``GRIP_TIMEOUT``)."""
+    from verity_django.publishing import grip_configured
+
+    if not grip_configured():
+        return
+    if session is not None:
+        subject = f"session:{session}"
+    elif user is not None:
+        subject = f"user:{user}"
+    else:
+        subject = _EVERY_STREAM
+    meta = {} if audience is None else {"require_sub": _grip_audience_channel(audience)}
+    audiences = frozenset(() if audience is None else (audience,))
+    try:
+        _publish_cut(grip_channel(subject), meta, audiences)
+    except Exception:
+        _count("grip_cuts_failed")
+        logger.exception(
+            "verity_django: could not hand the revocation of user %s, audience %s to the "
+            "GRIP proxy; the streams it holds go on",
+            user,
+            audience,
+        )
+        raise
+    _count("grip_cuts_sent")
+
+
+def _grip_audience_channel(audience: str) -> str:
+    """The GRIP channel django-eventstream subscribes a held stream of
+    ``audience`` to, as Pushpin's ``require-sub`` filter compares it."""
+    from urllib.parse import quote
+
+    from verity_django.audiences import channel_for
+
+    prefix = getattr(settings, "GRIP_PREFIX", "")
+    return f"{prefix}events-{quote(channel_for(audience))}"
+
+
+def _publish_cut(channel: str, meta: dict[str, str], audiences: frozenset[str]) -> None:
+    from gripcontrol import HttpStreamFormat
+
+    from verity_django.publishing import publish_to_grip
+
+    # Two publishes, in order: what a direct stream's cut sends, then the end.
+    event = cut_event_text("Access to this stream was revoked.", audiences)
+    publish_to_grip(channel, HttpStreamFormat(event), meta)
+    publish_to_grip(channel, HttpStreamFormat(close=True), meta)
 
 
 def _on_commit(func: Callable[[], None], using: str | None) -> None:
@@ -269,15 +363,21 @@ class Stream:
             self.task.cancel()
 
 
-def opened(request: HttpRequest, audiences: list[str]) -> Stream:
+def opened(
+    request: HttpRequest, audiences: list[str], *, held_session: str | None = None
+) -> Stream:
     """Note a stream about to start, before django-eventstream authorizes it
-    (it asks AUTHORIZE again when the stream starts, after this)."""
+    (it asks AUTHORIZE again when the stream starts, after this).
+
+    ``held_session`` is the session tag of a GRIP-held stream whose request
+    comes from the proxy itself and carries no session (a recovery)."""
     user = getattr(request, "user", None)
     authenticated = bool(getattr(user, "is_authenticated", False))
     session_key = getattr(getattr(request, "session", None), "session_key", None) or None
+    tag = held_session if session_key is None else session_tag(session_key)
     return Stream(
         user=str(user.pk) if authenticated and user is not None else None,
-        session=None if session_key is None else session_tag(session_key),
+        session=tag,
         audiences=frozenset(audiences),
         mark=_mark(),
         requester=user,
@@ -324,12 +424,16 @@ def _uncancel(task: asyncio.Task[Any] | None) -> bool:
 
 
 def _cut_event(stream: Stream) -> str:
+    return cut_event_text(stream.reason or "Access to this stream was revoked.", stream.audiences)
+
+
+def cut_event_text(text: str, audiences: frozenset[str]) -> str:
     from verity_django.audiences import channel_for
 
     data = {
         "condition": "forbidden",
-        "text": stream.reason or "Access to this stream was revoked.",
-        "channels": sorted(channel_for(a) for a in stream.audiences),
+        "text": text,
+        "channels": sorted(channel_for(a) for a in audiences),
     }
     # No id line: a reconnecting EventSource resumes from its last envelope.
     return f"event: stream-error\ndata: {d.dumps(data)}\n\n"

@@ -18,11 +18,17 @@ its hello announces. It then wraps django-eventstream's stream to:
   (``clients.tag_for``): an id copied from another page matches nothing.
 
 Only this view's own parameters reach django-eventstream. ``channel`` and
-``channels`` are ignored (the audiences decide the channels). ``es-meta``
-(a token that names the user and the channels) counts only on a request the
-GRIP proxy signed with the configured key; ``link`` and ``recover`` (the
-proxy's paging and recovery) count only on a request that came through the
-proxy; ``Grip-Last`` values that are not seqs are ignored.
+``channels`` are ignored (the audiences decide the channels). ``link`` and
+``recover`` (the proxy's paging and recovery) count only on a request that
+came through the proxy; ``Grip-Last`` values that are not seqs are ignored.
+``es-meta`` (django-eventstream's token naming the stream's user, valid for
+an hour, and written into access logs with the URL) never reaches
+django-eventstream. It names the user only on the proxy's *own* request: one
+signed with the configured GRIP key that carries ``Grip-Last``. Pushpin
+signs every request it forwards, but removes every ``Grip-*`` header a
+client sends, and adds ``Grip-Last`` only to the requests it makes itself
+for a stream it holds (recovery). That user is then authorized again, as on
+any connect; a token replayed by a client through the proxy names nobody.
 
 :func:`_starts` is where each stream's starting seq per channel is decided,
 and :class:`_Subscriber` is where every envelope of one connection passes.
@@ -31,11 +37,17 @@ and :class:`_Subscriber` is where every envelope of one connection passes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
@@ -58,8 +70,11 @@ MAX_LAST_EVENT_ID = 4096
 # django-eventstream re-sends at most its queue (10 events) after an overflow.
 _RECENT = 32
 # Parameters of django-eventstream's own protocol with a GRIP proxy.
-_PROXY_PARAMS = ("es-meta", "link", "recover")
-_CHANNEL_PARAMS = ("channel", "channels")
+_PAGING_PARAMS = ("link", "recover")
+# Carries a held stream's session tag (an HMAC, not the key) into the next
+# links the proxy follows without the session cookie.
+_SESSION_PARAM = "verity-session"
+_HIDDEN_PARAMS = ("channel", "channels", "es-meta", _SESSION_PARAM)
 
 
 def _error(status: int, detail: str, **extra: Any) -> JsonResponse:
@@ -72,6 +87,7 @@ def _error(status: int, detail: str, **extra: Any) -> JsonResponse:
 def events(request: HttpRequest) -> HttpResponseBase:
     if len(request.META.get("QUERY_STRING", "")) > 8192:
         return _error(400, "The query string is too long.")
+    hop = _keep_only_own_parameters(request)
     audiences: list[str] = []
     for raw in request.GET.getlist(conf.AUDIENCE_PARAM):
         try:
@@ -97,12 +113,14 @@ def events(request: HttpRequest) -> HttpResponseBase:
 
     denied = [a for a in audiences if not can_read(request.user, a)]
     if denied:
+        if hop.proxied and request.GET.get("link") == "next":
+            return _cut_by_the_proxy(denied)
         return _error(403, "You may not read these audiences.", audiences=denied)
 
     from django_eventstream.views import events as eventstream_events
 
     channels = {channel_for(a): a for a in audiences}
-    proxied = _keep_only_own_parameters(request)
+    proxied = hop.proxied
     try:
         resume = _parse_last_event_id(request, channels)
     except ValueError as exc:
@@ -113,7 +131,8 @@ def events(request: HttpRequest) -> HttpResponseBase:
     tracker = positions.track(request, client_id, {a: starts[c] for c, a in channels.items()})
     request.META["HTTP_LAST_EVENT_ID"] = ",".join(f"{quote(c)}:{starts[c]}" for c in channels)
 
-    watched = revocation.opened(request, audiences)  # revocation: before the stream authorizes
+    # revocation: before the stream authorizes
+    watched = revocation.opened(request, audiences, held_session=hop.session)
     response: HttpResponseBase = eventstream_events(request, channels=list(channels))
     hellos = "".join(envelopes.hello(a, starts[c]) for c, a in channels.items())
     if isinstance(response, StreamingHttpResponse):
@@ -148,7 +167,34 @@ def events(request: HttpRequest) -> HttpResponseBase:
         if request.GET.get("link") != "next":
             text = _after_stream_open(text, hellos)
         response.content = text.encode()
+        _subscribe_to_cuts(request, watched)
     return response
+
+
+def _cut_by_the_proxy(denied: list[str]) -> HttpResponse:
+    """The answer to the proxy's own request for a stream whose user may no
+    longer read it: the cut a direct stream gets, without a GRIP hold, so
+    the proxy writes it, ends the response, and the client reconnects (a 403
+    would only make the proxy retry for half a minute)."""
+    reason = "Access to this stream is no longer allowed."
+    text = revocation.cut_event_text(reason, frozenset(denied))
+    return HttpResponse(text, content_type="text/event-stream")
+
+
+def _subscribe_to_cuts(request: HttpRequest, stream: revocation.Stream) -> None:
+    """Subscribe a held stream to its revocation control channels. Every
+    answer the proxy gets for the stream names them again: each one replaces
+    the stream's subscriptions."""
+    from gripcontrol import Channel
+
+    instruct = getattr(getattr(request, "grip", None), "instruct", None)
+    if instruct is None:
+        return
+    for name, require_sub in revocation.held_channels(stream):
+        channel = Channel(name)
+        if require_sub:
+            channel.filters.append("require-sub")
+        instruct.add_channel(channel)
 
 
 def _starts(
@@ -160,35 +206,93 @@ def _starts(
     return {c: min(resume.get(c, remembered.get(c, now)), now) for c, now in current.items()}
 
 
-def _keep_only_own_parameters(request: HttpRequest) -> bool:
-    """Hide django-eventstream's proxy parameters from any request that is
-    not the GRIP proxy's own; True when the request comes through the proxy.
+@dataclass(frozen=True)
+class _Hop:
+    """How a request reached this view."""
 
-    Unsigned, an ``es-meta`` token (taken from a log, say) would replace the
-    user and the channels, ``recover`` would read ``Grip-Last`` from a
-    request that has none, and a malformed ``Grip-Last`` would answer 500.
+    # Through the GRIP proxy (signed, when the proxy has a key).
+    proxied: bool = False
+    # The proxy's own request for a stream it holds: the session tag its
+    # next link carries (see _SESSION_PARAM).
+    session: str | None = None
+
+
+def _keep_only_own_parameters(request: HttpRequest) -> _Hop:
+    """Hide django-eventstream's proxy parameters from any request that is
+    not the GRIP proxy's own, and take the user of the proxy's own requests
+    from their ``es-meta`` token.
+
+    Unsigned, or replayed through the proxy by a client, an ``es-meta``
+    token (taken from a log, say) would replace the user and the channels;
+    ``recover`` would read ``Grip-Last`` from a request that has none, and a
+    malformed ``Grip-Last`` would answer 500.
     """
     grip = getattr(request, "grip", None)
     proxied = grip_configured() and grip is not None and bool(grip.proxied)
-    signed = proxied and bool(getattr(grip, "signed", False))
-    hidden: tuple[str, ...]
-    if signed:
-        hidden = _CHANNEL_PARAMS
-    elif proxied:
-        # Without a GRIP key anyone can claim to be the proxy: its paging and
-        # recovery still work, but no token may choose the user or channels.
-        hidden = (*_CHANNEL_PARAMS, "es-meta")
-    else:
-        hidden = _CHANNEL_PARAMS + _PROXY_PARAMS
-    if any(name in request.GET for name in hidden):
+    own = (
+        proxied
+        and bool(getattr(grip, "signed", False))
+        and "HTTP_GRIP_LAST" in request.META
+        and request.GET.get("link") == "next"
+    )
+    token = request.GET.get("es-meta") if own else None
+    held_session = request.GET.get(_SESSION_PARAM) if own else None
+    if held_session is not None and not _SESSION_TAG.fullmatch(held_session):
+        held_session = None
+    # Without a key anyone can claim to be the proxy: its paging and recovery
+    # still work, but no token may choose the user or the channels.
+    hidden = _HIDDEN_PARAMS if proxied else _HIDDEN_PARAMS + _PAGING_PARAMS
+    if any(name in request.GET for name in hidden) or proxied:
         params = request.GET.copy()
         for name in hidden:
             params.pop(name, None)
+        if proxied:
+            session = held_session or _session_tag(request)
+            if session is not None:
+                params[_SESSION_PARAM] = session
         request.GET = params  # type: ignore[assignment]
+    if own:
+        request.user = _user_named_by(token)
     if proxied and grip is not None:
         last = getattr(grip, "last", None) or {}
         grip.last = {c: v for c, v in last.items() if isinstance(v, str) and v.isdigit()}
-    return proxied
+    return _Hop(proxied=proxied, session=held_session)
+
+
+_SESSION_TAG = re.compile(r"[0-9a-f]{32}")
+
+
+def _session_tag(request: HttpRequest) -> str | None:
+    key = getattr(getattr(request, "session", None), "session_key", None)
+    return revocation.session_tag(key) if key else None
+
+
+def _user_named_by(token: str | None) -> Any:
+    """The user a valid ``es-meta`` token names, as the database says now:
+    anonymous for a bad or expired token, a user that is gone or inactive."""
+    import jwt
+
+    if not token:
+        return AnonymousUser()
+    try:
+        meta = jwt.decode(
+            token,
+            settings.SECRET_KEY.encode(),
+            algorithms=["HS256"],
+            options={"require": ["exp"]},
+        )
+    except jwt.InvalidTokenError:
+        return AnonymousUser()
+    pk = meta.get("user") if isinstance(meta, dict) else None
+    if not isinstance(pk, str) or pk == "anonymous":
+        return AnonymousUser()
+    try:
+        user = get_user_model()._default_manager.filter(pk=pk).first()
+    except (ValueError, TypeError, ValidationError):
+        return AnonymousUser()
+    if user is None or not getattr(user, "is_active", True):
+        return AnonymousUser()
+    return user
 
 
 def _redis_delivers() -> bool:

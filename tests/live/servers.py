@@ -887,6 +887,13 @@ class Pushpin(ManagedProcess):
         return f"http://{LOOPBACK}:{self.control_port}"
 
     @property
+    def grip_url(self) -> str:
+        """``control_url`` with the key this instance signs requests with
+        (``sig_key``), as Django's ``GRIP_URL`` takes it: Django then trusts
+        only requests this instance signed."""
+        return f"{self.control_url}?key={self.sig_key}"
+
+    @property
     def config_path(self) -> Path:
         assert self.tmp_dir is not None
         return self.tmp_dir / "pushpin.conf"

@@ -8,6 +8,11 @@ user's audience, an audience for everybody, a session's logout). The oracle
 below, written independently of verity_django, says which streams must end;
 every other stream must still receive an envelope published afterwards.
 A cut stream ends with a ``stream-error`` and nothing after it.
+
+Behind Pushpin (one instance, GRIP with its key) the streams are held by the
+proxy, not by a server process: a revocation from a shell, a logout and a
+revocation of an audience for everybody each end exactly the held streams
+they name, and the others keep receiving.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import AsgiServerFactory
-from .servers import AsgiServer, RedisServer, run_manage
+from .conftest import AsgiServerFactory, PushpinFactory
+from .servers import LOOPBACK, AsgiServer, RedisServer, free_port, run_manage
 from .sse import SSEEvent, iter_events
 
 pytestmark = pytest.mark.anyio
@@ -45,7 +50,7 @@ class Session:
 class Watched:
     """One SSE connection, read in the background."""
 
-    server: AsgiServer
+    base_url: str
     session: Session
     audiences: tuple[str, ...]
     events: list[SSEEvent] = field(default_factory=list)
@@ -63,9 +68,7 @@ class Watched:
                 httpx.AsyncClient(
                     cookies=self.session.cookies, timeout=httpx.Timeout(10.0, read=None)
                 ) as client,
-                client.stream(
-                    "GET", f"{self.server.base_url}/api/events", params=params
-                ) as response,
+                client.stream("GET", f"{self.base_url}/api/events", params=params) as response,
             ):
                 self.status = response.status_code
                 async for event in iter_events(response):
@@ -95,7 +98,7 @@ class Watched:
         )
 
     def describe(self) -> str:
-        return f"{self.session.username}@{self.server.port} {self.audiences}: {self.events!r}"
+        return f"{self.session.username}@{self.base_url} {self.audiences}: {self.events!r}"
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -200,7 +203,7 @@ async def one_round(
         session = rng.choice(live)
         own = f"user-{session.pk}"
         audiences = tuple(rng.choice([("global",), (own,), (own, "global")]))
-        streams.append(Watched(rng.choice(workers), session, audiences))
+        streams.append(Watched(rng.choice(workers).base_url, session, audiences))
     for stream in streams:
         stream.start()
     try:
@@ -260,7 +263,7 @@ async def test_a_plain_eventsource_reconnects_after_a_cut(
     worker = asgi_server_factory(env, sqlite)
     shell_env = {**env, "VERITY_SQLITE_PATH": str(sqlite)}
     cookies = login(worker.base_url, "alice", "alice-password")
-    stream = Watched(worker, Session("alice", 0, cookies), ("global",))
+    stream = Watched(worker.base_url, Session("alice", 0, cookies), ("global",))
     stream.start()
     await until(lambda: stream.hellos == 1, "hello")
     await asyncio.to_thread(emit_in_another_process, shell_env, "first", {"global"})
@@ -287,3 +290,78 @@ async def test_a_plain_eventsource_reconnects_after_a_cut(
                     names += [x["name"] for x in event.json()["directives"]]
                     break
     assert names == ["while-away"]
+
+
+# --------------------------------------------------------------------------
+# Behind Pushpin
+# --------------------------------------------------------------------------
+
+
+def assert_cut(stream: Watched) -> None:
+    """Ended with the stream-error of a cut, and no envelope after the hello."""
+    assert stream.ended.is_set(), stream.describe()
+    assert stream.events[-1].event == "stream-error", stream.describe()
+    assert stream.events[-1].json()["condition"] == "forbidden", stream.describe()
+
+
+async def test_revocations_reach_the_streams_pushpin_holds(
+    asgi_server_factory: AsgiServerFactory, pushpin_factory: PushpinFactory, login: Login
+) -> None:
+    port = free_port()
+    proxy = pushpin_factory(f"{LOOPBACK}:{port}")
+    app = asgi_server_factory({"VERITY_GRIP_URL": proxy.grip_url}, port=port)
+    shell_env = dict(app.env)
+
+    def new_session(username: str) -> Session:
+        cookies = login(app.base_url, username, USERS[username])
+        me = httpx.get(f"{app.base_url}/api/auth/me/", cookies=cookies).json()
+        return Session(username, me["id"], cookies)
+
+    alice, alice_too, bob = new_session("alice"), new_session("alice"), new_session("bob")
+    own = Watched(proxy.http_url, alice, (f"user-{alice.pk}", "global"))
+    shared = Watched(proxy.http_url, alice_too, ("global",))
+    bobs = Watched(proxy.http_url, bob, (f"user-{bob.pk}", "global"))
+    streams = [own, shared, bobs]
+    for stream in streams:
+        stream.start()
+    try:
+        await until(lambda: all(s.hellos == len(s.audiences) for s in streams), "hellos")
+
+        # A user's audience, from another process: only the stream carrying it.
+        await asyncio.to_thread(revoke_in_another_process, shell_env, [("alice", own.audiences[0])])
+        await until(own.ended.is_set, "alice's own stream is cut")
+        assert_cut(own)
+        await asyncio.to_thread(emit_in_another_process, shell_env, "first", {"global"})
+        await until(lambda: shared.received("first") and bobs.received("first"), "the others")
+        assert not own.received("first")
+
+        # The reconnect is authorized afresh: alice may still read her audience.
+        again = Watched(proxy.http_url, alice, own.audiences)
+        streams.append(again)
+        again.start()
+        await until(lambda: again.hellos == 2, "alice's reconnect")
+
+        # A logout ends that session's held streams only.
+        response = httpx.post(
+            f"{app.base_url}/api/auth/logout/",
+            cookies=bob.cookies,
+            headers={"X-CSRFToken": bob.cookies["csrftoken"]},
+        )
+        assert response.status_code == 204, response.text
+        await until(bobs.ended.is_set, "bob's stream ends with his session")
+        assert_cut(bobs)
+        gone = Watched(proxy.http_url, bob, bobs.audiences)
+        streams.append(gone)
+        gone.start()
+        await until(gone.ended.is_set, "bob's reconnect is refused")
+        assert gone.status == 403 and gone.hellos == 0
+
+        # An audience for everybody.
+        await asyncio.to_thread(revoke_in_another_process, shell_env, [(None, "global")])
+        await until(lambda: shared.ended.is_set() and again.ended.is_set(), "global's streams")
+        assert_cut(shared)
+        assert_cut(again)
+        assert not own.received("first") and not again.received("first")
+    finally:
+        for stream in streams:
+            await stream.stop()
