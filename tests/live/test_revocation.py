@@ -18,6 +18,7 @@ they name, and the others keep receiving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections.abc import Callable
@@ -297,6 +298,22 @@ async def test_a_plain_eventsource_reconnects_after_a_cut(
 # --------------------------------------------------------------------------
 
 
+MINT_ES_META = """
+import time, jwt
+from django.conf import settings
+claims = {{"iss": "es", "exp": int(time.time()) + 3600, "channels": {channels!r}, "user": {user!r}}}
+print(jwt.encode(claims, settings.SECRET_KEY.encode()))
+"""
+
+
+def es_meta_token(env: dict[str, str], user: int, audience: str) -> str:
+    """A valid es-meta token for ``user``'s stream of ``audience``, exactly
+    what django-eventstream writes into a next link (and so into access logs)."""
+    code = MINT_ES_META.format(channels=[f"verity.{audience}"], user=str(user))
+    result = run_manage("shell", "-c", code, env=env, check=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
 def assert_cut(stream: Watched) -> None:
     """Ended with the stream-error of a cut, and no envelope after the hello."""
     assert stream.ended.is_set(), stream.describe()
@@ -355,6 +372,33 @@ async def test_revocations_reach_the_streams_pushpin_holds(
         gone.start()
         await until(gone.ended.is_set, "bob's reconnect is refused")
         assert gone.status == 403 and gone.hellos == 0
+
+        # A next link's es-meta token (as an access log shows it), replayed
+        # through Pushpin without a session (Pushpin signs the request, but drops the
+        # client's Grip-Last): it names nobody, so no byte of alice's stream.
+        token = await asyncio.to_thread(es_meta_token, shell_env, alice.pk, own.audiences[0])
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client,
+            client.stream(
+                "GET",
+                f"{proxy.http_url}/api/events",
+                params={
+                    "audience": own.audiences[0],
+                    "link": "next",
+                    "recover": "true",
+                    "es-meta": token,
+                },
+                headers={"Grip-Last": f"events-verity.{own.audiences[0]}; last-id=0"},
+            ) as response,
+        ):
+            replayed: list[SSEEvent] = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WAIT):
+                    async for event in iter_events(response):
+                        replayed.append(event)
+                        if event.event == "message":
+                            break
+        assert [e.event for e in replayed] == ["stream-error"], replayed
 
         # An audience for everybody.
         await asyncio.to_thread(revoke_in_another_process, shell_env, [(None, "global")])
