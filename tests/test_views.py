@@ -242,3 +242,130 @@ def test_transport_parameters_never_reach_django_eventstream(
     response = client.get(f"/api/events?audience=global&{query}", **headers)
     assert response.status_code == 200
     assert response["Content-Type"] == "text/event-stream"
+
+
+# --------------------------------------------------------------------------
+# Behind a GRIP proxy with a key: whose request is the proxy's own
+# --------------------------------------------------------------------------
+
+GRIP_KEY = "pushpin-test-key-" + "k" * 32
+
+
+@pytest.fixture
+def grip(settings: Any) -> Any:
+    settings.GRIP_URL = f"http://127.0.0.1:9?key={GRIP_KEY}"
+    settings.MIDDLEWARE = ["django_grip.GripMiddleware", *settings.MIDDLEWARE]
+    return settings
+
+
+def _signed(key: str = GRIP_KEY) -> str:
+    import time
+
+    import jwt
+
+    return jwt.encode({"iss": "pushpin", "exp": int(time.time()) + 60}, key)
+
+
+def _es_meta(user: str, channels: list[str], *, expires_in: int = 3600) -> str:
+    import time
+
+    import jwt
+    from django.conf import settings
+
+    claims = {"iss": "es", "exp": int(time.time()) + expires_in, "channels": channels}
+    return jwt.encode({**claims, "user": user}, settings.SECRET_KEY.encode())
+
+
+def _recovery(
+    user: Any, *, last: bool = True, sig: str | None = None, token: str | None = None
+) -> Any:
+    """What Pushpin sends to recover a held stream of ``user``'s own audience."""
+    audience = f"user-{user.pk}"
+    token = token if token is not None else _es_meta(str(user.pk), [f"verity.{audience}"])
+    headers = {"HTTP_GRIP_SIG": sig if sig is not None else _signed()}
+    if last:
+        headers["HTTP_GRIP_LAST"] = f"events-verity.{audience}; last-id=0"
+    query = f"audience={audience}&link=next&recover=true&es-meta={token}"
+    return Client().get(f"/api/events?{query}", **headers)
+
+
+def _grip_channels(response: Any) -> list[str]:
+    return [c.split(";")[0].strip() for c in response.get("Grip-Channel", "").split(",") if c]
+
+
+def test_the_proxys_own_recovery_streams_as_the_user_its_token_names(grip: Any, alice: Any) -> None:
+    from verity_django.revocation import grip_channel
+
+    response = _recovery(alice)
+    assert response.status_code == 200
+    assert response["Grip-Hold"] == "stream"
+    channels = _grip_channels(response)
+    assert f"events-verity.user-{alice.pk}" in channels
+    assert grip_channel(f"user:{alice.pk}") in channels
+    assert grip_channel("every-stream") in channels
+
+
+@pytest.mark.parametrize(
+    "hop",
+    [
+        {"last": False},  # a client replaying a logged token: Pushpin drops its Grip-Last
+        {"sig": "not-a-signature"},
+        {"sig": "wrong-key"},
+        {"token": "garbage"},
+        {"token": "expired"},
+    ],
+    ids=["replayed-by-a-client", "unsigned", "signed-with-another-key", "garbage", "expired"],
+)
+def test_no_other_request_streams_as_the_user_of_an_es_meta_token(
+    grip: Any, alice: Any, hop: dict[str, Any]
+) -> None:
+    if hop.get("sig") == "wrong-key":
+        hop = {"sig": _signed("another-key-" + "x" * 32)}
+    if hop.get("token") == "expired":
+        hop = {"token": _es_meta(str(alice.pk), [f"verity.user-{alice.pk}"], expires_in=-10)}
+    response = _recovery(alice, **hop)
+    assert "Grip-Hold" not in response
+    body = b"".join(response) if response.streaming else response.content
+    assert b'"type"' not in body  # no hello, no envelope
+    assert response.status_code in (200, 403)
+    if response.status_code == 200:
+        assert body.decode().startswith("event: stream-error\n")
+
+
+def test_a_recovery_for_a_user_no_longer_allowed_is_a_cut_without_a_hold(
+    grip: Any, alice: Any
+) -> None:
+    alice.is_active = False
+    alice.save()
+    response = _recovery(alice)
+    assert response.status_code == 200
+    assert "Grip-Hold" not in response and "Grip-Link" not in response
+    event = response.content.decode()
+    assert event.startswith("event: stream-error\n")
+    assert json.loads(event.split("data: ", 1)[1])["condition"] == "forbidden"
+
+
+def test_a_held_stream_carries_its_session_into_the_proxys_next_links(
+    grip: Any, client: Client, alice: Any
+) -> None:
+    from verity_django.revocation import grip_channel, session_tag
+
+    response = client.get(f"/api/events?audience=user-{alice.pk}", HTTP_GRIP_SIG=_signed())
+    assert response["Grip-Hold"] == "stream"
+    tag = session_tag(client.session.session_key)
+    assert f"verity-session={tag}" in response["Grip-Link"]
+    assert grip_channel(f"session:{tag}") in _grip_channels(response)
+    # A client naming a session tag of its own gets its real one instead.
+    forged = client.get(
+        f"/api/events?audience=user-{alice.pk}&verity-session={'0' * 32}", HTTP_GRIP_SIG=_signed()
+    )
+    assert f"verity-session={tag}" in forged["Grip-Link"]
+
+
+def test_grip_without_a_key_is_a_warning(settings: Any) -> None:
+    from verity_django.checks import check_settings
+
+    settings.GRIP_URL = "http://127.0.0.1:5561"
+    assert "verity_django.W023" in {m.id for m in check_settings()}
+    settings.GRIP_URL = f"http://127.0.0.1:5561?key={GRIP_KEY}"
+    assert "verity_django.W023" not in {m.id for m in check_settings()}

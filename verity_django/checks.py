@@ -46,6 +46,7 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
             continue
         errors.extend(_check_value(setting, value))
     errors.extend(_check_eventstream())
+    errors.extend(_check_grip())
     middleware: Sequence[str] = getattr(settings, "MIDDLEWARE", ()) or ()
     if _MIDDLEWARE not in middleware:
         errors.append(
@@ -135,3 +136,33 @@ def _check_eventstream() -> list[checks.CheckMessage]:
                 )
             )
     return errors
+
+
+def _check_grip() -> list[checks.CheckMessage]:
+    """Without a key on every GRIP proxy, django_grip counts any request with
+    a ``Grip-Sig`` header as proxied, so no request can be trusted to be the
+    proxy's own, and its recoveries of user audiences are refused."""
+    from verity_django.publishing import grip_configured
+
+    if not grip_configured() or getattr(settings, "GRIP_VERIFY_KEY", None):
+        return []
+    try:
+        from gripcontrol import parse_grip_uri
+    except ImportError:
+        return []
+    proxies = [p for p in getattr(settings, "GRIP_PROXIES", None) or () if isinstance(p, dict)]
+    url = getattr(settings, "GRIP_URL", None)
+    if isinstance(url, str) and url:
+        proxies.append(parse_grip_uri(url))
+    if all(p.get("key") or p.get("verify_key") for p in proxies):
+        return []
+    return [
+        checks.Warning(
+            "GRIP is configured without a key: streams of user audiences that the GRIP "
+            "proxy holds cannot recover (their recovery requests carry no session, and "
+            "without a signature none can be trusted to name the user).",
+            hint="Give the proxy's signing key (Pushpin's sig_key) to GRIP_URL as "
+            "'?key=...', or as 'key' in every GRIP_PROXIES entry.",
+            id="verity_django.W023",
+        )
+    ]
