@@ -34,7 +34,7 @@ from unittest import mock
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import transaction
-from django.test import AsyncClient, override_settings
+from django.test import AsyncClient, Client, override_settings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -415,3 +415,75 @@ def test_revocations_gone_from_storage_cut_every_stream() -> None:
     with mock.patch.object(revocation.Watcher, "_run", _reads_only_when_told):
         reasons = asyncio.run(play_gone())
     assert all(reasons), reasons
+
+
+# --------------------------------------------------------------------------
+# Streams a GRIP proxy holds (the live test runs a real Pushpin)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def grip_publishes(settings: Any) -> Any:
+    """Every GRIP publish revocation makes: (channel, what it sends, meta)."""
+    settings.GRIP_URL = "http://127.0.0.1:9"
+    sent: list[tuple[str, Any, dict[str, str]]] = []
+
+    def publish(channel: str, formats: Any, meta: dict[str, str]) -> None:
+        exported = formats.export()
+        sent.append((channel, exported.get("content") or exported.get("action"), meta))
+
+    with mock.patch("verity_django.publishing.publish_to_grip", side_effect=publish) as patched:
+        patched.sent = sent
+        yield patched
+
+
+def _cut(channel: str, meta: dict[str, str]) -> list[tuple[str, Any, dict[str, str]]]:
+    return [(channel, mock.ANY, meta), (channel, "close", meta)]
+
+
+def test_revoke_cuts_the_held_streams_it_names(grip_publishes: Any, alice: Any) -> None:
+    grip = revocation.grip_channel
+    verity_django.revoke(alice)
+    verity_django.revoke(alice, "team-ops")
+    verity_django.revoke(audience="global")
+    assert grip_publishes.sent == [
+        *_cut(grip(f"user:{alice.pk}"), {}),
+        *_cut(grip(f"user:{alice.pk}"), {"require_sub": "events-verity.team-ops"}),
+        *_cut(grip("every-stream"), {"require_sub": "events-verity.global"}),
+    ]
+    event = grip_publishes.sent[2][1]
+    assert event.startswith("event: stream-error\ndata: ") and "\nid:" not in event
+    assert json.loads(event.split("data: ", 1)[1]) == {
+        "condition": "forbidden",
+        "text": "Access to this stream was revoked.",
+        "channels": ["verity.team-ops"],
+    }
+    # No control channel is an audience's: django-eventstream's are events-*.
+    assert all(c.startswith("verity-cut.") for c, _, _ in grip_publishes.sent)
+    assert revocation.counters.grip_cuts_sent >= 3
+
+
+def test_logout_cuts_that_sessions_held_streams(grip_publishes: Any, alice: Any) -> None:
+    client = Client()
+    assert client.login(username="alice", password="alice-password")
+    tag = revocation.session_tag(client.session.session_key)
+    assert client.post("/api/auth/logout/").status_code == 204
+    assert grip_publishes.sent == _cut(revocation.grip_channel(f"session:{tag}"), {})
+
+
+def test_a_proxy_that_cannot_be_told_is_counted_logged_and_raised(
+    grip_publishes: Any, alice: Any, caplog: Any
+) -> None:
+    grip_publishes.side_effect = ConnectionError("pushpin is down")
+    failed = revocation.counters.grip_cuts_failed
+    with pytest.raises(ConnectionError):
+        verity_django.revoke(alice)
+    assert revocation.counters.grip_cuts_failed == failed + 1
+    assert "the streams it holds go on" in caplog.text
+    # Recorded all the same: the other processes' streams are cut.
+    assert storage().get_current_ids([revocation.CHANNEL])[revocation.CHANNEL] >= 1
+    # A logout never fails for it.
+    client = Client()
+    assert client.login(username="alice", password="alice-password")
+    assert client.post("/api/auth/logout/").status_code == 204
+    assert revocation.counters.grip_cuts_failed == failed + 2
