@@ -369,3 +369,16 @@ def test_grip_without_a_key_is_a_warning(settings: Any) -> None:
     assert "verity_django.W023" in {m.id for m in check_settings()}
     settings.GRIP_URL = f"http://127.0.0.1:5561?key={GRIP_KEY}"
     assert "verity_django.W023" not in {m.id for m in check_settings()}
+
+
+def test_behind_the_proxy_a_remembered_start_replays_at_most_one_page() -> None:
+    from verity_django.views import _starts
+
+    current = {"verity.a": 500, "verity.b": 7}
+    remembered = {"verity.a": 100, "verity.b": 3}
+    # Direct streams replay everything remembered.
+    assert _starts({}, remembered, current) == {"verity.a": 100, "verity.b": 3}
+    # Behind the proxy, at most a page per channel: no next link to refuse.
+    assert _starts({}, remembered, current, page=50) == {"verity.a": 450, "verity.b": 3}
+    # A Last-Event-ID is the client's own word, as before.
+    assert _starts({"verity.a": 10}, remembered, current, page=50)["verity.a"] == 10

@@ -69,6 +69,9 @@ from verity_django.storage import configured, streaming
 MAX_LAST_EVENT_ID = 4096
 # django-eventstream re-sends at most its queue (10 events) after an overflow.
 _RECENT = 32
+# Envelopes django-eventstream answers one request with, across its channels;
+# past that it pages through next links (see _starts).
+_PAGE = 100
 # Parameters of django-eventstream's own protocol with a GRIP proxy.
 _PAGING_PARAMS = ("link", "recover")
 # Carries a held stream's session tag (an HMAC, not the key) into the next
@@ -127,7 +130,8 @@ def events(request: HttpRequest) -> HttpResponseBase:
         return _error(400, str(exc))
     current = configured().get_current_ids(channels)
     remembered = positions.remembered(request, client_id, channels, current)
-    starts = _starts(resume, remembered, current)
+    page = _PAGE // len(channels) if proxied else None
+    starts = _starts(resume, remembered, current, page=page)
     tracker = positions.track(request, client_id, {a: starts[c] for c, a in channels.items()})
     request.META["HTTP_LAST_EVENT_ID"] = ",".join(f"{quote(c)}:{starts[c]}" for c in channels)
 
@@ -198,12 +202,31 @@ def _subscribe_to_cuts(request: HttpRequest, stream: revocation.Stream) -> None:
 
 
 def _starts(
-    resume: dict[str, int], remembered: dict[str, int], current: dict[str, int]
+    resume: dict[str, int],
+    remembered: dict[str, int],
+    current: dict[str, int],
+    *,
+    page: int | None = None,
 ) -> dict[str, int]:
     """Where the stream starts on each channel, which its hello announces:
     where the client says it is (its Last-Event-ID, else the position
-    remembered for its client id), never beyond the storage's current id."""
-    return {c: min(resume.get(c, remembered.get(c, now)), now) for c, now in current.items()}
+    remembered for its client id), never beyond the storage's current id.
+
+    Behind the GRIP proxy a remembered start replays at most one ``page``
+    per channel: the proxy would fetch the rest through next links without
+    ``Grip-Last``, which cannot be told from a client's request, so a user
+    audience's would be refused. Further back, the hello shows the client a
+    gap and it resyncs."""
+    starts: dict[str, int] = {}
+    for channel, now in current.items():
+        if channel in resume:
+            start = resume[channel]
+        else:
+            start = remembered.get(channel, now)
+            if page is not None:
+                start = max(start, now - page)
+        starts[channel] = min(start, now)
+    return starts
 
 
 @dataclass(frozen=True)
