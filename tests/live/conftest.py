@@ -9,7 +9,7 @@ URL at start-up, is started in this order::
 
     port = free_port()
     proxy = pushpin_factory(f"127.0.0.1:{port}")
-    app = asgi_server_factory(env={"VERITY_GRIP_URL": proxy.control_url}, port=port)
+    app = asgi_server_factory(env={"VERITY_GRIP_URL": proxy.grip_url}, port=port)
 
 Async tests use anyio's pytest plugin: ``@pytest.mark.anyio`` (asyncio only).
 """
