@@ -11,6 +11,7 @@ batch per outermost transaction. A batch publishes when it closes.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -189,14 +190,31 @@ class Batch:
             out[audience] = [x for x in items if not _is_subsumed(x, whole)]
         return out
 
-    def close(self) -> None:
+    def close(self, *, background: bool = False) -> None:
+        """Deliver the batch (once); ``background``: see ``publishing.deliver``."""
         if self.closed:
             return
         self.closed = True
         if self._entries:
             from verity_django.publishing import deliver
 
-            deliver(self)
+            deliver(self, background=background)
+
+    def close_after(self, response: Any) -> bool:
+        """Close once the server has sent ``response``; False if it must be
+        closed now (nothing to wait for, or a response that streams).
+
+        The requester gets its response, pull copy included, without waiting
+        for the push copy's storage and transports (bench W1). Should the
+        response never be closed (an ASGI client that left before it was
+        sent), the batch is closed in the background when the response is
+        collected, or at exit.
+        """
+        if self.closed or not self._entries or getattr(response, "streaming", True):
+            return False
+        internals.on_response_close(response, self.close)
+        weakref.finalize(response, self.close, background=True)
+        return True
 
 
 def _is_params_variant(x: d.Directive) -> bool:

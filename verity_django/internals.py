@@ -13,6 +13,12 @@ commit. Both read attributes Django does not document:
 - ``BaseDatabaseWrapper.atomic_blocks``: the open ``Atomic`` blocks;
 - ``Atomic._from_testcase``: set on the blocks ``TestCase`` opens itself.
 
+Publishing once a response has been sent uses one more:
+
+- ``HttpResponseBase._resource_closers``: callables that ``close()`` runs,
+  before it sends ``request_finished``; every server calls ``close()`` once
+  the body is written (Django's ``FileResponse`` uses the list the same way).
+
 Checked against Django 5.2 (5.2.19, tested here) and 6.1.3 (read, not run:
 Django 6 needs Python 3.12). :func:`verify` fails loudly if the shape
 changes; ``tests/test_internals.py`` calls it.
@@ -61,6 +67,11 @@ def move_to_end(connection: Any, func: Callable[[], Any]) -> None:
             return
 
 
+def on_response_close(response: Any, func: Callable[[], Any]) -> None:
+    """Run ``func`` when the server closes ``response``, after sending it."""
+    response._resource_closers.append(func)
+
+
 def commit_is_ahead(connection: Any) -> bool:
     """Whether a commit is still to come for changes made now.
 
@@ -102,6 +113,10 @@ def verify(connection: Any) -> None:
                 f"a run_on_commit entry is {entry!r}, not (savepoint_ids, func, robust)"
             )
             break
+    from django.http import HttpResponse
+
+    if not isinstance(getattr(HttpResponse(), "_resource_closers", None), list):
+        problems.append("HttpResponse._resource_closers is not a list")
     if problems:
         raise UnsupportedDjango(
             f"verity_django.internals was checked against {CHECKED_VERSIONS}; Django "

@@ -1,5 +1,5 @@
 """Open one directive batch per request, inject the pull copy into the
-response, and publish the push copy when the response is ready.
+response, and publish the push copy once the response has been sent.
 
 DRF responses are edited in ``process_template_response``, which Django
 calls after the view (and an ``ATOMIC_REQUESTS`` commit) but before the
@@ -44,12 +44,16 @@ class DirectiveMiddleware:
             return self.get_response(request)
         opened = batching.Batch.for_request(request)
         request.verity_batch = opened  # type: ignore[attr-defined]
+        response: HttpResponseBase | None = None
         try:
             with batching.activate(opened):
-                response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
-                self._inject_json(request, response)
+                got: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
+                self._inject_json(request, got)
+                response = got
         finally:
-            opened.close()
+            if not opened.close_after(response):
+                opened.close()
+        assert response is not None
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
@@ -57,27 +61,26 @@ class DirectiveMiddleware:
             return await self.get_response(request)  # type: ignore[no-any-return,misc]
         opened = batching.Batch.for_request(request)
         request.verity_batch = opened  # type: ignore[attr-defined]
+        response: HttpResponseBase | None = None
         try:
             with batching.activate(opened):
-                response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
-                self._inject_json(request, response)
+                got: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+                self._inject_json(request, got)
+                response = got
         finally:
-            if opened and not opened.closed:
+            if opened.close_after(response):
+                pass
+            elif opened and not opened.closed:
                 await sync_to_async(opened.close)()
             else:
                 opened.closed = True
+        assert response is not None
         return response
 
     def process_template_response(self, request: HttpRequest, response: Any) -> Any:
         if not conf.ENABLED:
             return response
         self._inject_drf(request, response)
-        # The view has returned and its transaction committed. Django runs
-        # this hook in a worker thread already, so publishing here spares the
-        # async path one more thread hop; later changes publish on their own.
-        opened = getattr(request, "verity_batch", None)
-        if isinstance(opened, batching.Batch):
-            opened.close()
         return response
 
     @staticmethod

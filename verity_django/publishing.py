@@ -160,8 +160,12 @@ class Counters:
 counters = Counters()
 
 
-def deliver(batch: Batch) -> None:
-    """Called once per committed batch: notify, then publish its envelopes."""
+def deliver(batch: Batch, *, background: bool = False) -> None:
+    """Called once per committed batch: notify, then publish its envelopes.
+
+    ``background``: hand them to the publisher thread and do no I/O here,
+    for a caller that may run anywhere (a garbage-collection finalizer).
+    """
     counters.batches_delivered += 1
     directives_committed.send(sender=type(batch), batch=batch)
     if conf.PUSH:
@@ -170,7 +174,8 @@ def deliver(batch: Batch) -> None:
                 pending
                 for audience, items in batch.by_audience().items()
                 if (pending := _encode(audience, items, batch.origin)) is not None
-            ]
+            ],
+            background=background,
         )
 
 
@@ -263,7 +268,9 @@ class _Publisher:
             self.retry_at = 0.0
             self.backoff = 0.0
 
-    def submit(self, pending: list[_Pending], *, wait: bool = False) -> None:
+    def submit(
+        self, pending: list[_Pending], *, wait: bool = False, background: bool = False
+    ) -> None:
         if not pending:
             return
         with self.lock:
@@ -271,6 +278,9 @@ class _Publisher:
             overflow = len(self.queue) - conf.BACKLOG_LIMIT
         if overflow > 0:
             self._drop_oldest(overflow)
+        if background:
+            self._hand_rest_to_thread()
+            return
         # Only a TestCase delivers inside an open transaction, which holds
         # what the envelope is stored next to: only its own connection can
         # write there, so it publishes inline, failing or not.

@@ -1,0 +1,105 @@
+"""The push copy of a request's batch is published once its response was sent.
+
+The requester's response (with its pull copy) does not wait for storage and
+transports; servers call ``response.close()`` once the body is written, and
+that publishes. A response that is never closed still publishes, in the
+background, when it is collected.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.contrib.auth.models import AnonymousUser
+from django.http import HttpRequest, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.test import RequestFactory
+
+from tests.testapp.models import Project
+from verity_django import publishing
+from verity_django.middleware import DirectiveMiddleware
+from verity_django.storage import configured
+
+
+def stored_seqs(audience: str) -> list[int]:
+    return [json.loads(e.data)["seq"] for e in configured().get_events(f"verity.{audience}", 0)]
+
+
+def _request() -> HttpRequest:
+    request = RequestFactory().post("/anything/", HTTP_X_CLIENT_ID="window-a")
+    request.user = AnonymousUser()
+    return request
+
+
+def _creating(alice: Any, response: Callable[[], HttpResponseBase]) -> Any:
+    def view(request: HttpRequest) -> HttpResponseBase:
+        Project.objects.create(name="p", owner=alice)
+        return response()
+
+    return view
+
+
+@pytest.fixture
+def drained() -> Iterator[None]:
+    yield
+    assert publishing.flush(timeout=5)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_push_copy_waits_for_the_response_to_be_closed(alice: Any) -> None:
+    middleware = DirectiveMiddleware(_creating(alice, lambda: JsonResponse({"ok": True})))
+    response = middleware(_request())
+    assert stored_seqs("global") == []
+    response.close()
+    assert stored_seqs("global") == [1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_async_path_waits_for_the_close_too(alice: Any) -> None:
+    async def get_response(request: HttpRequest) -> HttpResponseBase:
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(_creating(alice, lambda: JsonResponse({"ok": True})))(request)
+
+    middleware = DirectiveMiddleware(get_response)
+    response = async_to_sync(middleware)(_request())
+    assert stored_seqs("global") == []
+    response.close()
+    assert stored_seqs("global") == [1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_response_that_is_never_closed_still_publishes(alice: Any, drained: None) -> None:
+    # An ASGI client that leaves before the response is sent: Django drops
+    # the response without closing it.
+    middleware = DirectiveMiddleware(_creating(alice, lambda: JsonResponse({"ok": True})))
+    response = middleware(_request())
+    del response
+    gc.collect()
+    assert publishing.flush(timeout=5)
+    assert stored_seqs("global") == [1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_streaming_response_publishes_before_it_streams(alice: Any) -> None:
+    middleware = DirectiveMiddleware(_creating(alice, lambda: StreamingHttpResponse(iter([b"x"]))))
+    middleware(_request())
+    assert stored_seqs("global") == [1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_pull_copy_and_the_push_copy_share_their_keys(alice: Any) -> None:
+    request = _request()
+    request.META["HTTP_X_VERITY_DIRECTIVE_REQUEST"] = "send me directives"
+    middleware = DirectiveMiddleware(_creating(alice, lambda: JsonResponse({"ok": True})))
+    response = middleware(request)
+    pulled = {x["idempotency_key"] for x in json.loads(response.content)["directives"]}
+    response.close()
+    [event] = configured().get_events("verity.global", 0)
+    pushed = {x["idempotency_key"] for x in json.loads(event.data)["directives"]}
+    assert pulled == pushed
+    assert pulled
