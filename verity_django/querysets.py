@@ -64,7 +64,7 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
                 ]
                 routed.extend(rules.route(changes, self.db))
             for obj, new in zip(created, values, strict=True):
-                tracking.remember(obj, new)
+                tracking.remember(obj, new, self.db)
             batching.collect(routed, using=self.db)
         return created
 
@@ -100,7 +100,7 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
             for dependents in of.dependents:
                 routed.extend(dependents.route(moved, self.db))
             for obj, new in zip(objs, written, strict=True):
-                tracking.remember(obj, new)
+                tracking.remember(obj, new, self.db)
             batching.collect(routed, using=self.db)
         return count
 

@@ -101,21 +101,25 @@ def _on_post_save(
     # With update_fields only those fields were written; the others keep
     # the values the database still holds.
     new = tracking.written(instance, of.tracked, None if created else update_fields)
-    if not raw and not batching.is_disabled():
-        db = using or DEFAULT_DB_ALIAS
-        event = "create" if created else "update"
-        old = None if created else tracking.previous(instance)
-        routed: list[Routed] = []
-        for rules in of.rules:
-            now = tracking.with_values(instance, new) if rules.needs_instances else instance
-            routed.extend(rules.route([rules.change(event, old, new, now)], db))
-        if not created:
-            for child, rules in of.children:
-                routed.extend(through_parent(child, rules, [(instance.pk, old)], db))
-            for dependents in of.dependents:
-                routed.extend(dependents.route([(old, new)], db))
-        batching.collect(routed, using=using)
-    tracking.remember(instance, new)
+    db = using or DEFAULT_DB_ALIAS
+    if raw or batching.is_disabled():
+        tracking.remember(instance, new, db)
+        return
+    event = "create" if created else "update"
+    old = None if created else tracking.previous(instance)
+    routed: list[Routed] = []
+    for rules in of.rules:
+        now = tracking.with_values(instance, new) if rules.needs_instances else instance
+        routed.extend(rules.route([rules.change(event, old, new, now)], db))
+    if not created:
+        for child, rules in of.children:
+            routed.extend(through_parent(child, rules, [(instance.pk, old)], db))
+        for dependents in of.dependents:
+            routed.extend(dependents.route([(old, new)], db))
+    # Remembered first: the snapshot's commit marker then precedes the
+    # batch's callbacks, which look for theirs among the newest entries.
+    tracking.remember(instance, new, db)
+    batching.collect(routed, using=using)
 
 
 def through_parent(
