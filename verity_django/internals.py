@@ -4,7 +4,11 @@ Batching needs two things Django's public ``on_commit`` cannot give: a
 callback that no savepoint rollback discards (the flush of an implicit
 per-transaction batch), kept *after* every other callback so that it runs
 last; and knowing whether a change made inside a ``TestCase`` will ever
-commit. Both read attributes Django does not document:
+commit. Snapshots (``tracking``) need to know, when an instance is saved
+again, whether its last save's savepoint rolled back: they register a
+public ``on_commit`` marker per savepoint level and ask
+:func:`is_registered` whether Django dropped it. These read attributes Django
+does not document:
 
 - ``BaseDatabaseWrapper.run_on_commit``: a list of
   ``(savepoint_ids: set[str], func, robust: bool)`` tuples; Django drops the
