@@ -1090,6 +1090,16 @@ def test_deleting_an_assignee_is_told(card_with_label: tuple[Card, Label]) -> No
     one_step("user.delete() (SET_NULL assignee)", card.assignee.delete)  # type: ignore[union-attr]
 
 
+def test_deleting_a_user_who_is_assignee_and_lead_is_told(db: Any) -> None:
+    """Both keys are nulled by one deletion: neither may count on the other
+    to keep the user a reader (found by the long run)."""
+    with verity_django.disabled():
+        user = User.objects.create(username="both")
+        board = Board.objects.create(team=Team.objects.create(name="t"), name="b", lead=user)
+        Bug.objects.create(board=board, title="c", assignee=user, severity=2)
+    one_step("user.delete() (SET_NULL assignee and lead)", user.delete)
+
+
 @pytest.mark.django_db
 def test_the_oracle_catches_a_dropped_set_null_receiver(
     card_with_label: tuple[Card, Label], monkeypatch: Any

@@ -299,7 +299,35 @@ class _SetsUpstreamKey:
         for values in rows.values_list(*tracked):
             old = dict(zip(tracked, values, strict=True))
             changes.append((old, {**old, attname: new_value}))
-        return [r for dep in self.dependents for r in dep.route(changes, using)]
+        return [
+            r
+            for dep in self.dependents
+            for r in dep.route(changes, using, _also_set(dep.rules.model, deleted))
+        ]
+
+
+def _also_set(model: type[models.Model], deleted: models.Model) -> Any:
+    """What deleting ``deleted`` sets in a row of ``model``: its own keys to
+    the deleted row with a setting ``on_delete``."""
+    keys = []
+    fk: Any
+    for fk in model._meta.concrete_fields:
+        if not (fk.is_relation and fk.many_to_one):
+            continue
+        if fk.related_model._meta.concrete_model is not deleted._meta.concrete_model:
+            continue
+        replacement = _replacement(fk)
+        if replacement is not MISSING:
+            referred = getattr(deleted, fk.target_field.attname, None)
+            keys.append((fk.attname, referred, _replacement_value(replacement, fk)))
+    if not keys:
+        return None
+
+    def also(values: dict[str, Any]) -> dict[str, Any]:
+        changed = {a: new for a, referred, new in keys if values.get(a, MISSING) == referred}
+        return {**values, **changed} if changed else values
+
+    return also
 
 
 _Effect = _SetsForeignKey | _Unlinks | _SetsUpstreamKey

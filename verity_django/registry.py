@@ -194,9 +194,13 @@ class Dependents:
         self,
         changes: Iterable[tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]],
         using: str,
+        also: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> list[Routed]:
         """The directives for the rows below the changed rows ``(old, new)``
-        of ``model``: one query for them, one per path read from ``model``."""
+        of ``model``: one query for them, one per path read from ``model``.
+        ``also`` gives the values the same operation leaves in a row below
+        (a deletion that nulls the board's lead also nulls the card's
+        assignee when both are the deleted user)."""
         pk, decides = self.tracked[0], self.tracked[1:]
         moved: dict[Any, tuple[Side, Side]] = {}
         for old, new in changes:
@@ -217,7 +221,9 @@ class Dependents:
         if len(rows) > conf.COLLAPSE_THRESHOLD:
             return rules.collapsed(frozenset(a for side in sides for a in read(side)))
         read_here = {index for index, _ in self.reads}
-        row_sides = [Side(values, instance) for values, instance, _ in rows]
+        row_sides = [
+            Side(values if also is None else also(values), instance) for values, instance, _ in rows
+        ]
         kept = [
             spec.resolve(row_sides, using)
             for index, spec in enumerate(rules.audience.specs)

@@ -33,14 +33,26 @@ _LEVEL_ATTR = "_verity_open_level"
 class _Level:
     """One savepoint level of one transaction, registered with ``on_commit``."""
 
-    __slots__ = ("committed", "savepoints")
+    __slots__ = ("committed", "connection", "savepoints", "seen_in")
 
-    def __init__(self, savepoints: tuple[str, ...]) -> None:
-        self.savepoints = savepoints
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.savepoints = internals.open_savepoints(connection)
         self.committed = False
+        transaction.on_commit(self, using=connection.alias)
+        self.seen_in = internals.commit_callbacks(connection)
 
     def __call__(self) -> None:
         self.committed = True
+
+    def stands(self) -> bool:
+        """Whether the writes of this level committed or still may."""
+        if self.committed:
+            return True
+        if internals.still_registered(self.connection, self, self.seen_in):
+            self.seen_in = internals.commit_callbacks(self.connection)
+            return True
+        return False
 
 
 def snapshot(instance: Any, attnames: Iterable[str]) -> None:
@@ -60,18 +72,17 @@ def _settle(values: dict[str, Any]) -> None:
     """Go back past the saves whose savepoint or transaction rolled back."""
     pending = values[_PENDING]
     while pending is not None:
-        level, connection, before, earlier = pending
+        level, before, earlier = pending
         if level.committed:
             # Everything pending committed with it.
-            values.pop(_PENDING)
-            return
-        if internals.is_registered(connection, level):
+            break
+        if level.stands():
             values[_PENDING] = pending
             return
         values[_SNAPSHOT] = before
         pending = earlier
     values.pop(_PENDING)
-    if values[_SNAPSHOT] is None:
+    if values.get(_SNAPSHOT, MISSING) is None:
         values.pop(_SNAPSHOT)
 
 
@@ -99,25 +110,27 @@ def remember(instance: Any, values: Mapping[str, Any], using: str | None = None)
     if using is not None:
         connection = connections[using]
         if connection.in_atomic_block:
-            before = own.get(_SNAPSHOT)
-            own[_PENDING] = (_open_level(connection), connection, before, own.get(_PENDING))
+            level = _open_level(connection)
+            pending = own.get(_PENDING)
+            if pending is not None and pending[0] is level:
+                # A rollback of the level undoes both writes: one entry will do.
+                own[_PENDING] = (level, pending[1], pending[2])
+            else:
+                own[_PENDING] = (level, own.get(_SNAPSHOT), pending)
     own[_SNAPSHOT] = dict(values)
 
 
 def _open_level(connection: Any) -> _Level:
-    savepoints = internals.open_savepoints(connection)
     level: _Level | None = getattr(connection, _LEVEL_ATTR, None)
     if (
         level is not None
-        and level.savepoints == savepoints
         and not level.committed
-        # Still registered: a rollback of its savepoint or transaction drops it.
-        and internals.is_registered(connection, level)
+        and level.savepoints == internals.open_savepoints(connection)
+        and level.stands()
     ):
         return level
-    level = _Level(savepoints)
+    level = _Level(connection)
     setattr(connection, _LEVEL_ATTR, level)
-    transaction.on_commit(level, using=connection.alias)
     return level
 
 
