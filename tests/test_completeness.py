@@ -1036,7 +1036,7 @@ def test_the_oracle_catches_rows_below_a_move_told_nothing(monkeypatch: Any) -> 
     say so."""
     from verity_django import registry
 
-    monkeypatch.setattr(registry.Dependents, "route", lambda self, changes, using: [])
+    monkeypatch.setattr(registry.Dependents, "route", lambda self, *args: [])
     with pytest.raises(AssertionError, match=r"missed \(audience") as failure:
         run(examples=60, steps=30)
     # None of the rows told about changed: a board (or a card's board) did.
