@@ -202,12 +202,14 @@ class Dependents:
         (a deletion that nulls the board's lead also nulls the card's
         assignee when both are the deleted user)."""
         pk, decides = self.tracked[0], self.tracked[1:]
+        # Keyed as the database gives the pks the rows below are reached through.
+        key = self.model._meta.pk.to_python
         moved: dict[Any, tuple[Side, Side]] = {}
         for old, new in changes:
             if old is None or new is None:
                 continue
             if any(old.get(a, MISSING) != new.get(a, MISSING) for a in decides):
-                moved[new[pk]] = (Side(old), Side(new))
+                moved[key(new[pk])] = (Side(old), Side(new))
         if not moved:
             return []
         sides = [side for pair in moved.values() for side in pair]

@@ -112,10 +112,8 @@ def remember(instance: Any, values: Mapping[str, Any], using: str | None = None)
         if connection.in_atomic_block:
             level = _open_level(connection)
             pending = own.get(_PENDING)
-            if pending is not None and pending[0] is level:
-                # A rollback of the level undoes both writes: one entry will do.
-                own[_PENDING] = (level, pending[1], pending[2])
-            else:
+            # A rollback of a level undoes all its writes: one entry will do.
+            if pending is None or pending[0] is not level:
                 own[_PENDING] = (level, own.get(_SNAPSHOT), pending)
     own[_SNAPSHOT] = dict(values)
 
