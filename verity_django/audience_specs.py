@@ -10,7 +10,10 @@
 Every spec tells the audiences of a row in one *state* (a :class:`Side`: the
 values when loaded, or the values now). A spec resolves all the sides of one
 operation at once, so that a path costs one query per operation, not one per
-row, and a save tells both the old and the new audience.
+row, and a save tells both the old and the new audience. A path also names
+the models further up it (:meth:`PathAudience.upstream`), so that a change
+there (a board moved to another team) tells the rows below; a callable's
+reads cannot be known, so it has none.
 """
 
 from __future__ import annotations
