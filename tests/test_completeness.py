@@ -22,8 +22,9 @@ which is what push publishes to it) must cover each: a ``refresh_item`` of the
 id or a whole-collection refresh for an item; for a query, a
 ``refresh_collection`` of its name with no params, with exactly its params, or
 in contains mode with a subset of them. And no audience may be told an id it
-could not see before or after the step: over-delivery across audiences is a
-leak.
+could not see before or after the step (or, inside a transaction, after one
+of its savepoints: each change is told as it is made): over-delivery across
+audiences is a leak.
 
 Collections answer ``{"ids": [...]}`` (the protocol's shape), so a member whose
 data changed but stays is an item change, not a collection change.
@@ -339,8 +340,18 @@ def diff(before: Rows, after: Rows) -> list[str]:
     return lines or ["  (no row changed)"]
 
 
-def check(step: str, history: list[str], before: Rows, after: Rows, captured: Any) -> None:
+def check(
+    step: str,
+    history: list[str],
+    before: Rows,
+    after: Rows,
+    captured: Any,
+    between: Iterable[Rows] = (),
+) -> None:
+    """``between``: the states a transaction went through (after each of its
+    savepoints), whose readers were told of each change as it was made."""
     old, new = view(before), view(after)
+    passed = [view(rows) for rows in between]
     needs = stale(old, new)
     audiences = captured.audiences | {n.audience for n in needs}
     delivered = {a: list(_flat(captured.for_audience(a))) for a in sorted(audiences)}
@@ -348,6 +359,8 @@ def check(step: str, history: list[str], before: Rows, after: Rows, captured: An
     leaked = []
     for audience, directives in delivered.items():
         could_see = old.known[audience] | new.known[audience]
+        for state in passed:
+            could_see |= state.known[audience]
         for directive in directives:
             named = named_rows(directive)
             if named is None or not named <= could_see:
@@ -398,6 +411,8 @@ class BoardMachine(RuleBasedStateMachine):
         self.held_rows: dict[Any, Any] = {}
         # Held instances handed to the action running now.
         self.touched: set[Any] = set()
+        # The rows after each savepoint of the transaction running now.
+        self.between: list[Rows] = []
         self.serial = itertools.count()
         self.example: Any = None
 
@@ -509,7 +524,8 @@ class BoardMachine(RuleBasedStateMachine):
             yield
         self.rows = snapshot()
         text = description()
-        check(text, self.history, before, self.rows, captured)
+        check(text, self.history, before, self.rows, captured, self.between)
+        self.between = []
         self.history.append(text)
         self.settle_held()
 
@@ -926,6 +942,7 @@ class BoardMachine(RuleBasedStateMachine):
                             pass
                         # Later actions pick from the rows as they are now.
                         self.rows = snapshot()
+                        self.between.append(self.rows)
                         self.settle_held(rolled_back=undo)
                     if undo_all:
                         raise RolledBack
