@@ -10,7 +10,9 @@ so that small updates refresh exactly the items and params they touched;
 larger ones refresh the affected collections instead of thousands of items.
 Either way every audience of the rows, before and after, is told: a related
 path costs one query per operation, a callable audience reads every row
-before and after (see the README for what that costs).
+before and after (see the README for what that costs). An ``update()`` or
+``bulk_update()`` of rows further up others' path audiences (boards moving
+to another team) tells the rows below them too (``registry.Dependents``).
 """
 
 from __future__ import annotations
