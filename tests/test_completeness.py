@@ -409,8 +409,8 @@ class BoardMachine(RuleBasedStateMachine):
         self.held: dict[Any, Card] = {}
         # The row (card, bug) as each held instance last read or wrote it.
         self.held_rows: dict[Any, Any] = {}
-        # Held instances handed to the action running now.
-        self.touched: set[Any] = set()
+        # Instances the action running now wrote through.
+        self.written: list[Card] = []
         # The rows after each savepoint of the transaction running now.
         self.between: list[Rows] = []
         self.serial = itertools.count()
@@ -444,7 +444,6 @@ class BoardMachine(RuleBasedStateMachine):
         held = self.held.get(pk)
         if held is not None and data.draw(st.booleans(), label="use the held instance"):
             self.repair(held)
-            self.touched.add(pk)
             return held, f"held {type(held).__name__} {pk}"
         model = Bug if pk in self.rows["bug"] and data.draw(st.booleans(), label="as bug") else Card
         instance = model.objects.get(pk=pk)
@@ -459,15 +458,19 @@ class BoardMachine(RuleBasedStateMachine):
     def keep(self, instance: Card, row: Any) -> None:
         self.held[instance.pk] = instance
         self.held_rows[instance.pk] = row
-        self.touched.add(instance.pk)
+
+    def wrote(self, *instances: Card) -> None:
+        self.written.extend(instances)
 
     def settle_held(self, rolled_back: bool = False) -> None:
-        """After an action: what the held instances it wrote now read, unless
-        it rolled back; and drop those whose row changed by another path."""
+        """After an action: what the held instances it wrote through now
+        read, unless it rolled back; and drop those whose row changed by
+        another path."""
         if not rolled_back:
-            for pk in self.touched:
-                self.held_rows[pk] = self.row_of(pk)
-        self.touched.clear()
+            for instance in self.written:
+                if self.held.get(instance.pk) is instance:
+                    self.held_rows[instance.pk] = self.row_of(instance.pk)
+        self.written.clear()
         # delete() sets the instance's pk to None.
         self.held = {
             pk: c
@@ -710,6 +713,7 @@ class BoardMachine(RuleBasedStateMachine):
             card.save()
             # A row it created, or none if the creation rolls back.
             self.keep(card, None)
+            self.wrote(card)
             return f"{model.__name__}(**{fields}).save() -> {card.pk}"
         card = model.objects.create(**fields)
         return f"{model.__name__}.objects.create(**{fields}) -> {card.pk}"
@@ -725,6 +729,7 @@ class BoardMachine(RuleBasedStateMachine):
         for name, value in edits.items():
             setattr(card, name, value)
         card.save()
+        self.wrote(card)
         return f"{which}.save() with {edits}"
 
     def do_save_update_fields(self, data: st.DataObject) -> str | None:
@@ -739,6 +744,7 @@ class BoardMachine(RuleBasedStateMachine):
             st.lists(st.sampled_from(sorted(edits)), min_size=1, unique=True), label="saved"
         )
         card.save(update_fields=[f.removesuffix("_id") for f in saved])
+        self.wrote(card)
         return f"{which}: set {edits}, save(update_fields={saved})"
 
     def do_refresh_then_save(self, data: st.DataObject) -> str | None:
@@ -751,6 +757,7 @@ class BoardMachine(RuleBasedStateMachine):
         for name, value in edits.items():
             setattr(card, name, value)
         card.save()
+        self.wrote(card)
         return f"{which}.refresh_from_db(), then save() with {edits}"
 
     def do_delete_card(self, data: st.DataObject) -> str | None:
@@ -831,6 +838,7 @@ class BoardMachine(RuleBasedStateMachine):
             st.lists(st.sampled_from(sorted(edits)), min_size=1, unique=True), label="saved"
         )
         Card.objects.bulk_update(cards, [f.removesuffix("_id") for f in saved])
+        self.wrote(*cards)
         return f"cards {[c.pk for c in cards]}: set {edits}, bulk_update(fields={saved})"
 
     def do_card_labels(self, data: st.DataObject) -> str | None:
