@@ -241,7 +241,8 @@ def test_changes_at_one_savepoint_level_share_one_commit_callback(alice: Any) ->
     with capture_directives() as captured, transaction.atomic():
         for i in range(50):
             Todo.objects.create(title=f"t{i}", owner=alice)
-        # One callback for the directives of all 50 saves, then the batch's flush.
-        assert len(connection.run_on_commit) == 2
+        # One callback marking the savepoint level for the saves' snapshots,
+        # one for the directives of all 50 saves, then the batch's flush.
+        assert len(connection.run_on_commit) == 3
     assert len(captured.batches) == 1
     assert captured == [{"op": "refresh_collection", "name": "todos"}]

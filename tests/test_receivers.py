@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 import verity_django
-from tests.testapp.models import Board, Bug, Card, Column, Label, Project, Tag, Team, Todo
+from tests.testapp.models import Board, Bug, Card, Column, Comment, Label, Project, Tag, Team, Todo
 from verity_django import registry, rules
 from verity_django.rules import RefreshCollection, RefreshItem
 from verity_django.testing import capture_directives
@@ -379,3 +379,127 @@ def test_a_relation_declared_on_the_parent_tells_the_child_from_both_sides(db: A
     with capture_directives() as captured:
         label.delete()
     assert bug_item in captured.for_audience(f"team-{team.pk}")
+
+
+# Rows below a change further up a related path.
+
+WHOLE_TODOS = {"op": "refresh_collection", "name": "todos"}
+
+
+def moved_todos(alice: Any, project: Project, n: int) -> list[Todo]:
+    return Todo.objects.bulk_create(Todo(title="t", owner=alice, project=project) for _ in range(n))
+
+
+@override_settings(VERITY={"PUSH": False})
+def test_a_project_changing_owner_tells_its_todos_old_and_new_owner(
+    alice: Any, bob: Any, project: Project
+) -> None:
+    """A card on a board moved to another team: none of the todo's own
+    fields changed, yet its old owner's lists lost it and the new one's
+    gained it, as if the todo itself had moved."""
+    with todo_rules("project__owner"):
+        [todo] = moved_todos(alice, project, 1)
+        project = Project.objects.get(pk=project.pk)
+        with capture_directives() as captured, CaptureQueriesContext(connection) as queries:
+            project.owner = bob
+            project.save()
+    project_item = {"op": "refresh_item", "name": "project", "id": project.pk}
+    for audience in (f"user-{alice.pk}", f"user-{bob.pk}"):
+        assert WHOLE_TODOS in captured.for_audience(audience)
+        assert project_item in captured.for_audience(audience)
+    # Neither audience saw a change of the todo's own data.
+    assert {"op": "refresh_item", "name": "todo", "id": todo.pk} not in captured.bare
+    # The UPDATE, and one query for the todos on the project.
+    assert queries_of(queries, Todo, Project) == 2
+
+
+def test_a_project_saved_without_a_new_owner_reads_no_todos(alice: Any, project: Project) -> None:
+    with todo_rules("project__owner"):
+        moved_todos(alice, project, 2)
+        project = Project.objects.get(pk=project.pk)
+        with CaptureQueriesContext(connection) as queries:
+            project.name = "renamed"
+            project.save()
+            Project.objects.filter(pk=project.pk).update(name="again")
+    assert queries_of(queries, Todo) == 0
+
+
+@pytest.mark.parametrize("rows", [3, 8])
+@override_settings(VERITY={"COLLAPSE_THRESHOLD": 5, "PUSH": False})
+def test_update_and_bulk_update_of_projects_tell_their_todos_owners(
+    alice: Any, bob: Any, project: Project, rows: int
+) -> None:
+    """Past COLLAPSE_THRESHOLD rows below, the whole collections are told."""
+    with todo_rules("project__owner"):
+        moved_todos(alice, project, rows)
+        with capture_directives() as captured, CaptureQueriesContext(connection) as queries:
+            Project.objects.filter(pk=project.pk).update(owner=bob)
+        for audience in (f"user-{alice.pk}", f"user-{bob.pk}"):
+            assert WHOLE_TODOS in captured.for_audience(audience)
+        # The projects' own rules' read, their owners before, the UPDATE, and
+        # the todos below (at most COLLAPSE_THRESHOLD + 1 of them).
+        assert queries_of(queries, Todo, Project) == 4
+        loaded = list(Project.objects.filter(pk=project.pk))
+        for each in loaded:
+            each.owner = alice
+        with capture_directives() as captured:
+            Project.objects.bulk_update(loaded, ["owner"])
+        for audience in (f"user-{alice.pk}", f"user-{bob.pk}"):
+            assert WHOLE_TODOS in captured.for_audience(audience)
+
+
+def test_deleting_a_boards_lead_tells_the_cards_on_it(alice: Any) -> None:
+    """SET_NULL of a key further up the path (Board.lead) moves the cards."""
+    team = Team.objects.create(name="a")
+    board = Board.objects.create(team=team, name="b", lead=alice)
+    card = Card.objects.create(board=board, title="c")
+    lead = f"user-{alice.pk}"
+    with capture_directives() as captured:
+        alice.delete()
+    told = captured.for_audience(lead)
+    # The whole list (which covers its params variants) and the card's board.
+    assert {"op": "refresh_collection", "name": "cards"} in told
+    assert {"op": "refresh_item", "name": "board", "id": board.pk} in told
+    # The team saw the card before and after: nothing of it changed for them.
+    assert {"op": "refresh_item", "name": "card", "id": card.pk} not in captured.for_audience(
+        f"team-{team.pk}"
+    )
+
+
+def test_two_hops_up_tell_the_rows_two_below(alice: Any) -> None:
+    """Comment's "card__board__team": a board's move tells its cards' comments."""
+    here, there = Team.objects.create(name="a"), Team.objects.create(name="b")
+    board = Board.objects.create(team=here, name="b")
+    comment = Comment.objects.create(
+        card=Card.objects.create(board=board, title="c"), author=alice, body="x"
+    )
+    with capture_directives() as captured:
+        Board.objects.filter(pk=board.pk).update(team=there)
+    listed = {"op": "refresh_collection", "name": "comments", "params": {"card": comment.card_id}}
+    assert listed in captured.for_audience(f"team-{here.pk}")
+    assert listed in captured.for_audience(f"team-{there.pk}")
+    # The author read it before and after.
+    assert listed not in captured.for_audience(f"user-{alice.pk}")
+
+
+@override_settings(VERITY={"PUSH": False})
+def test_a_model_with_no_rules_of_its_own_still_tells_the_rows_below(
+    alice: Any, bob: Any, project: Project
+) -> None:
+    """What decides is the path, not whether the model further up has rules."""
+    original = registry.declaration(Project)
+    assert original is not None
+    verity_django.unregister(Project)
+    try:
+        with todo_rules("project__owner"):
+            moved_todos(alice, project, 1)
+            project = Project.objects.get(pk=project.pk)
+            assert registry.get(Project) is None
+            with capture_directives() as captured:
+                project.owner = bob
+                project.save()
+                Project.objects.filter(pk=project.pk).update(owner=alice)
+    finally:
+        verity_django.register(Project, directives=original.directives, audience=original.audience)
+    assert WHOLE_TODOS in captured.for_audience(f"user-{alice.pk}")
+    assert WHOLE_TODOS in captured.for_audience(f"user-{bob.pk}")

@@ -9,7 +9,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 
 import verity_django
-from tests.testapp.models import Project, Todo
+from tests.testapp.models import Board, Bug, Card, Comment, Project, Todo
 from verity_django import registry
 from verity_django.audience_specs import FieldAudience, PathAudience, prefix_for
 from verity_django.registry import Declaration, bind
@@ -225,3 +225,26 @@ def test_models_named_user_outside_auth_get_their_app_label_in_front() -> None:
         _meta = Meta
 
     assert prefix_for(CrmUser) == "crm.user-"
+
+
+def test_each_model_further_up_a_path_knows_the_rows_below_it() -> None:
+    comment = registry.get(Comment)
+    assert comment is not None
+    path = next(s for s in comment.audience.specs if isinstance(s, PathAudience))
+    up = path.upstream(Comment)
+    assert [(u.model, u.via) for u in up] == [(Card, "card"), (Board, "card__board")]
+    # From the card the rest of the path is a path; from the board, a field.
+    assert isinstance(up[0].spec, PathAudience) and up[0].spec.path == "board__team"
+    assert up[1].spec == FieldAudience("team_id", "team-", Comment._meta.label)
+    board = registry.rules_for(Board)
+    assert board is not None
+    below = {(d.rules.model, d.via): d.tracked for d in board.dependents}
+    assert below == {
+        (Card, "board"): ("id", "team_id", "lead_id"),
+        (Bug, "board"): ("id", "team_id", "lead_id"),
+        (Comment, "card__board"): ("id", "team_id"),
+    }
+    # A save through a child writes its parent's row: a Bug tells the card's comments.
+    bug = registry.rules_for(Bug)
+    assert bug is not None
+    assert [(d.rules.model, d.via) for d in bug.dependents] == [(Comment, "card")]

@@ -10,7 +10,10 @@
 Every spec tells the audiences of a row in one *state* (a :class:`Side`: the
 values when loaded, or the values now). A spec resolves all the sides of one
 operation at once, so that a path costs one query per operation, not one per
-row, and a save tells both the old and the new audience.
+row, and a save tells both the old and the new audience. A path also names
+the models further up it (:meth:`PathAudience.upstream`), so that a change
+there (a board moved to another team) tells the rows below; a callable's
+reads cannot be known, so it has none.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ class AudienceSpec(Protocol):
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         """A function from each of ``sides`` to its audiences."""
 
+    def upstream(self, model: type[models.Model]) -> Sequence[Upstream]:
+        """The models further up whose changes change these audiences of
+        ``model``'s rows (only a related path has any)."""
+
 
 @dataclass(frozen=True)
 class Audience:
@@ -70,6 +77,9 @@ class Audience:
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         constant = (self.name,)
         return lambda side: constant
+
+    def upstream(self, model: type[models.Model]) -> Sequence[Upstream]:
+        return ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,9 @@ class FieldAudience:
 
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         return self._of
+
+    def upstream(self, model: type[models.Model]) -> Sequence[Upstream]:
+        return ()
 
     def _of(self, side: Side) -> Iterator[str]:
         value = side.values.get(self.attname, MISSING)
@@ -134,13 +147,29 @@ class PathAudience(FieldAudience):
 
         return of
 
+    def upstream(self, model: type[models.Model]) -> Sequence[Upstream]:
+        """Every model along the path past ``model``, nearest first, with the
+        rest of the path as it reads from there."""
+        names = self.path.split("__")
+        fields, _ = _walk(model, names)
+        return [
+            Upstream(
+                model=fields[hop - 1].related_model._meta.concrete_model,
+                via="__".join(names[:hop]),
+                spec=_path_spec(self.model_label, names[hop:], fields[hop:], self.prefix),
+            )
+            for hop in range(1, len(names))
+        ]
+
 
 @dataclass(frozen=True)
 class CallableAudience:
     """``instance -> audience | list``, called on the instance as it was
     loaded and as it is now. User code: if it raises or returns something
     that is not an audience, the other audiences are still told, and the
-    failure is logged and counted."""
+    failure is logged and counted. What it reads of other rows cannot be
+    known, so a change of those rows (the card's board moved to another
+    team) is not told to it: :class:`PathAudience` says what it reads."""
 
     func: Callable[[Any], Any]
     model_label: str
@@ -186,6 +215,9 @@ class CallableAudience:
             except InvalidAudience as exc:
                 report_user_code_error(self.model_label, where, self.func, f"returned {exc}")
         return tuple(out)
+
+    def upstream(self, model: type[models.Model]) -> Sequence[Upstream]:
+        return ()
 
 
 @dataclass(frozen=True)
@@ -264,36 +296,61 @@ def _parse_path(
     model: type[models.Model], path: str
 ) -> tuple[AudienceSpec | None, checks.CheckMessage | None]:
     names = path.split("__")
+    fields, error = _walk(model, names)
+    if error is not None:
+        return None, _error(
+            model,
+            f"directive_audience {path!r}: {error}.",
+            "E112",
+            hint="A related path follows foreign keys (lookup spelling, "
+            "'board__team') and ends at a field or a foreign key.",
+        )
+    final = fields[-1]
+    prefix = prefix_for(final.related_model) if final.is_relation else ""
+    return _path_spec(model._meta.label, names, fields, prefix), None
+
+
+def _walk(model: type[models.Model], names: Sequence[str]) -> tuple[list[Any], str | None]:
+    """The fields ``names`` follows from ``model``, or what is wrong with them."""
     current: Any = model
     fields: list[Any] = []
     for position, name in enumerate(names):
         f = concrete_field(current, name)
         last = position == len(names) - 1
         if f is None or (not last and not (f.is_relation and f.related_model is not None)):
-            return None, _error(
-                model,
-                f"directive_audience {path!r}: {name!r} is not a "
-                f"{'concrete field' if last else 'foreign key'} of {current._meta.label}.",
-                "E112",
-                hint="A related path follows foreign keys (lookup spelling, "
-                "'board__team') and ends at a field or a foreign key.",
-            )
+            kind = "concrete field" if last else "foreign key"
+            return fields, f"{name!r} is not a {kind} of {current._meta.label}"
         fields.append(f)
         current = f.related_model if f.is_relation else current
-    first, final = fields[0], fields[-1]
-    prefix = prefix_for(final.related_model) if final.is_relation else ""
-    return (
-        PathAudience(
-            path=path,
-            attname=first.get_attname(),
-            target=first.related_model,
-            target_field=first.target_field.attname,
-            rest="__".join(names[1:]),
-            prefix=prefix,
-            model_label=model._meta.label,
-        ),
-        None,
+    return fields, None
+
+
+def _path_spec(
+    model_label: str, names: Sequence[str], fields: Sequence[Any], prefix: str
+) -> FieldAudience:
+    first = fields[0]
+    if len(names) == 1:
+        return FieldAudience(first.get_attname(), prefix, model_label)
+    return PathAudience(
+        path="__".join(names),
+        attname=first.get_attname(),
+        target=first.related_model,
+        target_field=first.target_field.attname,
+        rest="__".join(names[1:]),
+        prefix=prefix,
+        model_label=model_label,
     )
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A model further up a path audience, whose rows decide it for the rows
+    below: for Card's ``"board__team"``, ``Board`` (reached ``via="board"``)
+    decides it with ``spec``, its own ``"team"``."""
+
+    model: type[models.Model]
+    via: str
+    spec: FieldAudience
 
 
 def prefix_for(related: Any) -> str:

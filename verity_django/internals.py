@@ -4,11 +4,18 @@ Batching needs two things Django's public ``on_commit`` cannot give: a
 callback that no savepoint rollback discards (the flush of an implicit
 per-transaction batch), kept *after* every other callback so that it runs
 last; and knowing whether a change made inside a ``TestCase`` will ever
-commit. Both read attributes Django does not document:
+commit. Snapshots (``tracking``) need to know, when an instance is saved
+again, whether its last save's savepoint rolled back: they register a
+public ``on_commit`` marker per savepoint level and ask
+:func:`is_registered` whether Django dropped it. These read attributes Django
+does not document:
 
 - ``BaseDatabaseWrapper.run_on_commit``: a list of
   ``(savepoint_ids: set[str], func, robust: bool)`` tuples; Django drops the
-  entries tagged with a savepoint when that savepoint rolls back;
+  entries tagged with a savepoint when that savepoint rolls back. It drops
+  or runs entries only by replacing the list (savepoint rollback, rollback,
+  commit, close), so while the list is the one an entry was appended to,
+  the entry is still in it;
 - ``BaseDatabaseWrapper.savepoint_ids``: the open savepoints, innermost last;
 - ``BaseDatabaseWrapper.atomic_blocks``: the open ``Atomic`` blocks;
 - ``Atomic._from_testcase``: set on the blocks ``TestCase`` opens itself.
@@ -51,6 +58,19 @@ def is_registered(connection: Any, func: Callable[[], Any], *, among_last: int =
     if among_last:
         entries = entries[-among_last:]
     return any(entry[1] is func for entry in entries)
+
+
+def still_registered(connection: Any, func: Callable[[], Any], seen_in: list[Any]) -> bool:
+    """Whether ``func``, last seen in the list ``seen_in``, still waits for
+    the commit; without a search while the list is the same one."""
+    entries = connection.run_on_commit
+    return entries is seen_in or any(entry[1] is func for entry in entries)
+
+
+def commit_callbacks(connection: Any) -> list[Any]:
+    """The list ``on_commit`` appends to now (see :func:`still_registered`)."""
+    entries: list[Any] = connection.run_on_commit
+    return entries
 
 
 def register_unscoped(connection: Any, func: Callable[[], Any]) -> None:

@@ -10,7 +10,9 @@ so that small updates refresh exactly the items and params they touched;
 larger ones refresh the affected collections instead of thousands of items.
 Either way every audience of the rows, before and after, is told: a related
 path costs one query per operation, a callable audience reads every row
-before and after (see the README for what that costs).
+before and after (see the README for what that costs). An ``update()`` or
+``bulk_update()`` of rows further up others' path audiences (boards moving
+to another team) tells the rows below them too (``registry.Dependents``).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
                     pk__in=self.order_by().values("pk")
                 )
                 plans.append(_Update(rows, rules, assignments, expressions))
+            moves = _Moves(self, of.dependents, assignments, expressions)
             count = super().update(**kwargs)
-            routed = [r for plan in plans for r in plan.routed()]
+            routed = [r for plan in plans for r in plan.routed()] + moves.routed()
         batching.collect(routed, using=self.db)
         return count
 
@@ -63,7 +66,7 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
                 ]
                 routed.extend(rules.route(changes, self.db))
             for obj, new in zip(created, values, strict=True):
-                tracking.remember(obj, new)
+                tracking.remember(obj, new, self.db)
             batching.collect(routed, using=self.db)
         return created
 
@@ -91,8 +94,15 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
                     for obj, new in zip(objs, written, strict=True)
                 ]
                 routed.extend(rules.route(changes, self.db))
+            olds = [tracking.previous(obj) for obj in objs]
+            for child, rules in of.children:
+                saved = [(obj.pk, old) for obj, old in zip(objs, olds, strict=True)]
+                routed.extend(receivers.through_parent(child, rules, saved, self.db))
+            moved = list(zip(olds, written, strict=True))
+            for dependents in of.dependents:
+                routed.extend(dependents.route(moved, self.db))
             for obj, new in zip(objs, written, strict=True):
-                tracking.remember(obj, new)
+                tracking.remember(obj, new, self.db)
             batching.collect(routed, using=self.db)
         return count
 
@@ -149,19 +159,59 @@ class _Update:
         instances = _reload(self.qs.model, db, self.pks) if self.pks else {}
         if self.collapsing and not rules.audience.needs_instance:
             return rules.collapsed(self.audiences)
-        tracked = rules.tracked
-        width = len(tracked)
         changes = []
         for row in self.rows:
-            old = dict(zip(tracked, row[:width], strict=True))
-            new = {name: self.assignments.get(name, value) for name, value in old.items()}
-            for offset, attname in enumerate(self.aliases.values()):
-                new[attname] = row[width + offset]
+            old, new = _old_and_new(row, rules.tracked, self.assignments, self.aliases)
             old_instance = _loaded(self.qs.model, db, old) if rules.needs_old_instances else None
             changes.append(rules.change("update", old, new, instances.get(row[-1]), old_instance))
         if self.collapsing:
             return rules.collapsed(rules.audiences_of([s for c in changes for s in c.sides], db))
         return rules.route(changes, db)
+
+
+class _Moves:
+    """An ``update()``'s effect on the rows below the updated ones in path
+    audiences (the cards on boards moved to another team): every updated
+    row's deciding fields are read before the ``UPDATE`` (one query, none
+    when the update sets none of them)."""
+
+    def __init__(
+        self,
+        qs: models.QuerySet[Any],
+        dependents: Iterable[registry.Dependents],
+        assignments: dict[str, Any],
+        expressions: dict[str, Any],
+    ) -> None:
+        self.db = qs.db
+        self.dependents = [d for d in dependents if any(a in assignments for a in d.tracked[1:])]
+        self.tracked = tuple(dict.fromkeys(a for d in self.dependents for a in d.tracked))
+        self.assignments = assignments
+        computed = {a: e for a, e in expressions.items() if a in self.tracked}
+        self.aliases = {_new_value_alias(attname): attname for attname in computed}
+        self.rows: list[Any] = []
+        if self.dependents:
+            pre = qs.order_by().annotate(
+                **{alias: computed[attname] for alias, attname in self.aliases.items()}
+            )
+            self.rows = list(pre.values_list(*self.tracked, *self.aliases))
+
+    def routed(self) -> list[Routed]:
+        """Called after the ``UPDATE``, inside its transaction."""
+        changes = [_old_and_new(r, self.tracked, self.assignments, self.aliases) for r in self.rows]
+        return [r for dependents in self.dependents for r in dependents.route(changes, self.db)]
+
+
+def _old_and_new(
+    row: Any, tracked: tuple[str, ...], assignments: dict[str, Any], aliases: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A row's values before and after an ``update()``, from the values read
+    before it (``tracked``, then the new values computed for ``aliases``)."""
+    width = len(tracked)
+    old = dict(zip(tracked, row[:width], strict=True))
+    new = {name: assignments.get(name, value) for name, value in old.items()}
+    for offset, attname in enumerate(aliases.values()):
+        new[attname] = row[width + offset]
+    return old, new
 
 
 def _assignments(

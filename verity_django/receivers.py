@@ -33,7 +33,7 @@ from verity_django.conf import conf
 from verity_django.rules import MISSING, Routed
 
 if TYPE_CHECKING:
-    from verity_django.registry import ModelRules, RulesOf
+    from verity_django.registry import Dependents, ModelRules, RulesOf
 
 _connected: list[tuple[Any, Any, str]] = []
 _CLEARING = "_verity_clearing"
@@ -64,7 +64,13 @@ def install(
         for rel in rules.relations:
             handler = functools.partial(_on_m2m_changed, rules, children.get(rules.model, ()), rel)
             _connect(m2m_changed, handler, rel.remote_field.through, f"m2m.{rel.name}")
-    for referenced, effects in _deletion_effects(registered, models_, children).items():
+    # Each model's own rows only: its proxies and children would repeat them.
+    upstream = {
+        of.model: own
+        for of in applicable
+        if (own := tuple(dep for dep in of.dependents if dep.model is of.model))
+    }
+    for referenced, effects in _deletion_effects(registered, models_, children, upstream).items():
         handler = functools.partial(_on_pre_delete, tuple(effects))
         _connect(pre_delete, handler, referenced, "pre_delete")
 
@@ -95,37 +101,48 @@ def _on_post_save(
     # With update_fields only those fields were written; the others keep
     # the values the database still holds.
     new = tracking.written(instance, of.tracked, None if created else update_fields)
-    if not raw and not batching.is_disabled():
-        db = using or DEFAULT_DB_ALIAS
-        event = "create" if created else "update"
-        old = None if created else tracking.previous(instance)
-        routed: list[Routed] = []
-        for rules in of.rules:
-            now = tracking.with_values(instance, new) if rules.needs_instances else instance
-            routed.extend(rules.route([rules.change(event, old, new, now)], db))
-        if not created:
-            for child, rules in of.children:
-                routed.extend(_through_parent(child, rules, instance, old, db))
-        batching.collect(routed, using=using)
-    tracking.remember(instance, new)
+    db = using or DEFAULT_DB_ALIAS
+    if raw or batching.is_disabled():
+        tracking.remember(instance, new, db)
+        return
+    event = "create" if created else "update"
+    old = None if created else tracking.previous(instance)
+    routed: list[Routed] = []
+    for rules in of.rules:
+        now = tracking.with_values(instance, new) if rules.needs_instances else instance
+        routed.extend(rules.route([rules.change(event, old, new, now)], db))
+    if not created:
+        for child, rules in of.children:
+            routed.extend(through_parent(child, rules, [(instance.pk, old)], db))
+        for dependents in of.dependents:
+            routed.extend(dependents.route([(old, new)], db))
+    # Remembered first: the snapshot's commit marker then precedes the
+    # batch's callbacks, which look for theirs among the newest entries.
+    tracking.remember(instance, new, db)
+    batching.collect(routed, using=using)
 
 
-def _through_parent(
+def through_parent(
     child: type[models.Model],
     rules: ModelRules,
-    instance: models.Model,
-    old: Mapping[str, Any] | None,
+    saved: Sequence[tuple[Any, Mapping[str, Any] | None]],
     using: str,
 ) -> list[Routed]:
-    """The child's rules for a save of its parent's row (one query to read
-    the child's row; it is None when the row is not also a child)."""
-    row = child._base_manager.using(using).filter(pk=instance.pk).first()
-    if row is None:
-        return []
-    now = tracking.current(row, rules.tracked)
-    before = {**now, **{k: v for k, v in (old or {}).items() if k in now}}
-    loaded = tracking.with_values(row, before) if rules.needs_old_instances else None
-    return rules.route([rules.change("update", before, now, row, loaded)], using)
+    """The child's rules for writes of its parent's rows (``(pk, old values)``
+    each): the rows that are also the child's are read in one query per 500,
+    and the others are not the child's concern."""
+    olds = dict(saved)
+    pks = list(olds)
+    manager = child._base_manager.using(using)
+    changes = []
+    for start in range(0, len(pks), 500):
+        for row in manager.filter(pk__in=pks[start : start + 500]):
+            now = tracking.current(row, rules.tracked)
+            old = olds.get(row.pk) or {}
+            before = {**now, **{k: v for k, v in old.items() if k in now}}
+            loaded = tracking.with_values(row, before) if rules.needs_old_instances else None
+            changes.append(rules.change("update", before, now, row, loaded))
+    return rules.route(changes, using)
 
 
 def _on_post_delete(
@@ -261,7 +278,59 @@ class _Unlinks:
         return [r for rules in self.rules for r in _relinked(rules, using, linked)]
 
 
-_Effect = _SetsForeignKey | _Unlinks
+@dataclass(frozen=True)
+class _SetsUpstreamKey:
+    """Deleting the referenced row sets ``fk`` of rows further up others'
+    path audiences (a board's team): the rows below them move."""
+
+    fk: Any
+    dependents: tuple[Dependents, ...]
+    replacement: Any
+
+    def routed(self, deleted: models.Model, using: str) -> list[Routed]:
+        referred = getattr(deleted, self.fk.target_field.attname, None)
+        if referred is None:
+            return []
+        attname, model = self.fk.attname, self.dependents[0].model
+        tracked = tuple(dict.fromkeys(a for dep in self.dependents for a in dep.tracked))
+        new_value = _replacement_value(self.replacement, self.fk)
+        rows = model._base_manager.using(using).order_by().filter(**{attname: referred})
+        changes = []
+        for values in rows.values_list(*tracked):
+            old = dict(zip(tracked, values, strict=True))
+            changes.append((old, {**old, attname: new_value}))
+        return [
+            r
+            for dep in self.dependents
+            for r in dep.route(changes, using, _also_set(dep.rules.model, deleted))
+        ]
+
+
+def _also_set(model: type[models.Model], deleted: models.Model) -> Any:
+    """What deleting ``deleted`` sets in a row of ``model``: its own keys to
+    the deleted row with a setting ``on_delete``."""
+    keys = []
+    fk: Any
+    for fk in model._meta.concrete_fields:
+        if not (fk.is_relation and fk.many_to_one):
+            continue
+        if fk.related_model._meta.concrete_model is not deleted._meta.concrete_model:
+            continue
+        replacement = _replacement(fk)
+        if replacement is not MISSING:
+            referred = getattr(deleted, fk.target_field.attname, None)
+            keys.append((fk.attname, referred, _replacement_value(replacement, fk)))
+    if not keys:
+        return None
+
+    def also(values: dict[str, Any]) -> dict[str, Any]:
+        changed = {a: new for a, referred, new in keys if values.get(a, MISSING) == referred}
+        return {**values, **changed} if changed else values
+
+    return also
+
+
+_Effect = _SetsForeignKey | _Unlinks | _SetsUpstreamKey
 
 
 def _on_pre_delete(
@@ -282,9 +351,11 @@ def _deletion_effects(
     registered: Iterable[ModelRules],
     models_: Sequence[type[models.Model]],
     children: Mapping[type[models.Model], tuple[ModelRules, ...]],
+    upstream: Mapping[type[models.Model], tuple[Dependents, ...]],
 ) -> dict[type[models.Model], list[_Effect]]:
     """For each model whose delete changes rows of registered models without
-    a signal: foreign keys with a setting ``on_delete``, and declared m2m."""
+    a signal: foreign keys with a setting ``on_delete`` (of registered models,
+    and of models further up a path audience), and declared m2m."""
     out: dict[type[models.Model], list[_Effect]] = {}
 
     def on_delete_of(referenced: Any, effect: _Effect) -> None:
@@ -302,6 +373,13 @@ def _deletion_effects(
         for rel in rules.relations:
             told = (rules, *children.get(rules.model, ()))
             on_delete_of(rel.related_model, _Unlinks(rel, told))
+    for model, dependents in upstream.items():
+        for fk in model._meta.concrete_fields:
+            reading = tuple(dep for dep in dependents if fk.attname in dep.tracked[1:])
+            if reading and fk.is_relation and fk.many_to_one:
+                replacement = _replacement(fk)
+                if replacement is not MISSING:
+                    on_delete_of(fk.related_model, _SetsUpstreamKey(fk, reading, replacement))
     return out
 
 

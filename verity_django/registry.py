@@ -23,8 +23,9 @@ from django.db import models
 
 from verity_django import directives as d
 from verity_django import receivers, tracking
-from verity_django.audience_specs import AudienceList, Resolved, Side, parse
-from verity_django.rules import BOTH, NEW, OLD, RULE_TYPES, Bound, Routed
+from verity_django.audience_specs import AudienceList, FieldAudience, Resolved, Side, parse
+from verity_django.conf import conf
+from verity_django.rules import BOTH, MISSING, NEW, OLD, RULE_TYPES, Bound, Routed
 
 ModelT = TypeVar("ModelT", bound=type[models.Model])
 AudienceSpec = Any
@@ -111,24 +112,38 @@ class ModelRules:
         routed: list[Routed] = []
         for change in changes:
             told = change.told(audiences_of)
-            views = [(change.event, change.old, change.new, told)]
+            views: list[_View] = [(change.event, change.old, change.new, told)]
             if change.event == "update" and told[OLD] != told[NEW]:
-                # To an audience the row entered, the change is a create; to
-                # one it left, a delete: their lists gained or lost it.
-                entered, left = told[NEW] - told[OLD], told[OLD] - told[NEW]
-                views.append(("create", None, change.new, {NEW: entered, BOTH: entered}))
-                views.append(("delete", change.old, None, {OLD: left, BOTH: left}))
-            for event, old, new, to in views:
-                for bound in self.rules:
-                    for directive, collapse_to, side in bound.evaluate(
-                        event, old, new, change.instance
-                    ):
-                        audiences = to.get(side, frozenset())
-                        if not audiences and event != change.event:
-                            continue
-                        # The object's data goes only where the object is now.
-                        current = None if directive.result is None else told[NEW]
-                        routed.append(Routed(directive, audiences, collapse_to, current))
+                views += _moves(change.old, change.new, told[OLD], told[NEW])
+            routed += self._evaluate(views, change.instance, told[NEW], change.event)
+        return routed
+
+    def moved(
+        self,
+        values: Mapping[str, Any],
+        instance: Any,
+        before: frozenset[str],
+        after: frozenset[str],
+    ) -> list[Routed]:
+        """A row whose own values stayed while its audiences changed (its
+        board moved to another team): told as if its own field had moved it."""
+        if before == after:
+            return []
+        return self._evaluate(_moves(values, values, before, after), instance, after, None)
+
+    def _evaluate(
+        self, views: list[_View], instance: Any, now: frozenset[str], event: str | None
+    ) -> list[Routed]:
+        routed: list[Routed] = []
+        for view_event, old, new, to in views:
+            for bound in self.rules:
+                for directive, collapse_to, side in bound.evaluate(view_event, old, new, instance):
+                    audiences = to.get(side, frozenset())
+                    if not audiences and view_event != event:
+                        continue
+                    # The object's data goes only where the object is now.
+                    current = None if directive.result is None else now
+                    routed.append(Routed(directive, audiences, collapse_to, current))
         return routed
 
     def audiences_of(self, sides: Sequence[Side], using: str) -> frozenset[str]:
@@ -139,6 +154,135 @@ class ModelRules:
         """Directives for a change to rows we did not read one by one."""
         names = dict.fromkeys(n for bound in self.rules for n in bound.collapse_names)
         return [Routed(d.refresh_collection(n), audiences) for n in names]
+
+
+_View = tuple[str, Mapping[str, Any] | None, Mapping[str, Any] | None, Mapping[int, frozenset[str]]]
+
+
+def _moves(
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any] | None,
+    before: frozenset[str],
+    after: frozenset[str],
+) -> list[_View]:
+    # To an audience the row entered, the change is a create; to one it
+    # left, a delete: their lists gained or lost it.
+    entered, left = after - before, before - after
+    return [
+        ("create", None, new, {NEW: entered, BOTH: entered}),
+        ("delete", old, None, {OLD: left, BOTH: left}),
+    ]
+
+
+@dataclass(frozen=True)
+class Dependents:
+    """The rows of ``rules.model`` whose path audiences read ``model``'s
+    fields through ``via``: Card's ``"board__team"`` reads Board's team
+    through ``"board"``. A change of those fields moves the rows below to
+    other audiences although none of their own values changed."""
+
+    model: type[models.Model]
+    via: str
+    rules: ModelRules
+    # The rules' audience specs (by position) that ``model``'s rows decide,
+    # each as it reads from ``model`` (``"team"``).
+    reads: tuple[tuple[int, FieldAudience], ...]
+    # ``model``'s pk, then the fields that decide.
+    tracked: tuple[str, ...]
+
+    def route(
+        self,
+        changes: Iterable[tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]],
+        using: str,
+        also: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> list[Routed]:
+        """The directives for the rows below the changed rows ``(old, new)``
+        of ``model``: one query for them, one per path read from ``model``.
+        ``also`` gives the values the same operation leaves in a row below
+        (a deletion that nulls the board's lead also nulls the card's
+        assignee when both are the deleted user)."""
+        pk, decides = self.tracked[0], self.tracked[1:]
+        # Keyed as the database gives the pks the rows below are reached through.
+        key = self.model._meta.pk.to_python
+        moved: dict[Any, tuple[Side, Side]] = {}
+        for old, new in changes:
+            if old is None or new is None:
+                continue
+            if any(old.get(a, MISSING) != new.get(a, MISSING) for a in decides):
+                moved[key(new[pk])] = (Side(old), Side(new))
+        if not moved:
+            return []
+        sides = [side for pair in moved.values() for side in pair]
+        reads = [spec.resolve(sides, using) for _, spec in self.reads]
+
+        def read(side: Side) -> frozenset[str]:
+            return frozenset(a for of in reads for a in of(side))
+
+        rows = self._rows(list(moved), using)
+        rules = self.rules
+        if len(rows) > conf.COLLAPSE_THRESHOLD:
+            return rules.collapsed(frozenset(a for side in sides for a in read(side)))
+        read_here = {index for index, _ in self.reads}
+        row_sides = [
+            Side(values if also is None else also(values), instance) for values, instance, _ in rows
+        ]
+        kept = [
+            spec.resolve(row_sides, using)
+            for index, spec in enumerate(rules.audience.specs)
+            if index not in read_here
+        ]
+        routed: list[Routed] = []
+        for side, (_, _, through) in zip(row_sides, rows, strict=True):
+            was, now = moved[through]
+            stays = frozenset(a for of in kept for a in of(side))
+            routed += rules.moved(side.values, side.instance, stays | read(was), stays | read(now))
+        return routed
+
+    def _rows(self, pks: list[Any], using: str) -> list[tuple[dict[str, Any], Any, Any]]:
+        """Tracked values of the rows below ``pks`` (and the rows where rules
+        need instances), with the pk each is reached through; one more than
+        ``COLLAPSE_THRESHOLD`` at most."""
+        rules = self.rules
+        via = f"{self.via}__pk"
+        manager = rules.model._base_manager.using(using).order_by()
+        limit = conf.COLLAPSE_THRESHOLD + 1
+        out: list[tuple[dict[str, Any], Any, Any]] = []
+        for start in range(0, len(pks), _CHUNK):
+            rows = manager.filter(**{f"{via}__in": pks[start : start + _CHUNK]})
+            if rules.needs_instances:
+                for row in rows.annotate(**{_THROUGH: models.F(via)})[: limit - len(out)]:
+                    through = row.__dict__.pop(_THROUGH)
+                    out.append((tracking.current(row, rules.tracked), row, through))
+            else:
+                for values in rows.values_list(*rules.tracked, via)[: limit - len(out)]:
+                    out.append((dict(zip(rules.tracked, values, strict=False)), None, values[-1]))
+            if len(out) >= limit:
+                break
+        return out
+
+
+# Keeps each IN list under every backend's parameter limit.
+_CHUNK = 500
+_THROUGH = "verity_through_pk"
+
+
+def dependents_of(
+    registered: Iterable[ModelRules],
+) -> dict[type[models.Model], list[Dependents]]:
+    """For each model further up a path audience, the rows below it."""
+    out: dict[type[models.Model], list[Dependents]] = {}
+    for rules in registered:
+        grouped: dict[tuple[type[models.Model], str], list[tuple[int, FieldAudience]]] = {}
+        for index, spec in enumerate(rules.audience.specs):
+            for up in spec.upstream(rules.model):
+                grouped.setdefault((up.model, up.via), []).append((index, up.spec))
+        for (model, via), reads in grouped.items():
+            pk = model._meta.pk.attname
+            tracked = dict.fromkeys([pk, *(a for _, spec in reads for a in spec.tracked)])
+            out.setdefault(model, []).append(
+                Dependents(model, via, rules, tuple(reads), tuple(tracked))
+            )
+    return out
 
 
 @dataclass(frozen=True)
@@ -153,6 +297,8 @@ class RulesOf:
     # Multi-table children with rules of their own: a change made through
     # this class to a row that is also a child's changes the child's row too.
     children: tuple[tuple[type[models.Model], ModelRules], ...] = ()
+    # Rows of other models whose path audiences read this model's rows.
+    dependents: tuple[Dependents, ...] = ()
 
 
 _declared: dict[type[models.Model], Declaration] = {}
@@ -343,6 +489,7 @@ def _relations(
 def _connect() -> None:
     _applicable.clear()
     candidates = dict.fromkeys([*apps.get_models(), *_registry])
+    upstream = dependents_of(_registry.values())
     for model in candidates:
         chain = tuple(dict.fromkeys(_chain(model)))
         children = tuple(
@@ -350,12 +497,18 @@ def _connect() -> None:
             for child, rules in _registry.items()
             if not child._meta.proxy and model in child._meta.get_parent_list()
         )
-        if chain or children:
+        # A proxy writes its concrete model's rows, a child its parents' too.
+        writes = [model._meta.concrete_model or model, *model._meta.get_parent_list()]
+        dependents = tuple(dep for written in writes for dep in upstream.get(written, ()))
+        if chain or children or dependents:
             own = {f.attname for f in model._meta.concrete_fields}
             tracked = [a for rules in chain for a in rules.tracked]
             # The children's old values of the fields they share with us.
             tracked += [a for _, rules in children for a in rules.tracked if a in own]
-            _applicable[model] = RulesOf(model, chain, tuple(dict.fromkeys(tracked)), children)
+            tracked += [a for dep in dependents for a in dep.tracked]
+            _applicable[model] = RulesOf(
+                model, chain, tuple(dict.fromkeys(tracked)), children, dependents
+            )
     receivers.install(_applicable.values(), _registry.values(), list(candidates))
 
 

@@ -5,6 +5,12 @@ so it costs no query; deferred fields are simply absent and count as unknown.
 It is kept equal to what the database holds: a save with ``update_fields``
 (or a ``bulk_update`` of some fields) takes only those fields as new, and
 ``refresh_from_db()`` takes a new snapshot.
+
+A save inside an atomic block is remembered *pending* that block: Django
+drops an ``on_commit`` callback when its savepoint (or transaction) rolls
+back, so one marker per savepoint level tells, when the snapshot is next
+read, whether the values it took still stand or the row went back to the
+ones remembered before (Django does not undo the instance itself).
 """
 
 from __future__ import annotations
@@ -13,9 +19,40 @@ import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from django.db import connections, transaction
+
+from verity_django import internals
 from verity_django.rules import MISSING
 
 _SNAPSHOT = "_verity_loaded_values"
+# (level, the snapshot before, the pending entry before): newest first.
+_PENDING = "_verity_pending_values"
+_LEVEL_ATTR = "_verity_open_level"
+
+
+class _Level:
+    """One savepoint level of one transaction, registered with ``on_commit``."""
+
+    __slots__ = ("committed", "connection", "savepoints", "seen_in")
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.savepoints = internals.open_savepoints(connection)
+        self.committed = False
+        transaction.on_commit(self, using=connection.alias)
+        self.seen_in = internals.commit_callbacks(connection)
+
+    def __call__(self) -> None:
+        self.committed = True
+
+    def stands(self) -> bool:
+        """Whether the writes of this level committed or still may."""
+        if self.committed:
+            return True
+        if internals.still_registered(self.connection, self, self.seen_in):
+            self.seen_in = internals.commit_callbacks(self.connection)
+            return True
+        return False
 
 
 def snapshot(instance: Any, attnames: Iterable[str]) -> None:
@@ -24,8 +61,29 @@ def snapshot(instance: Any, attnames: Iterable[str]) -> None:
 
 
 def previous(instance: Any) -> Mapping[str, Any] | None:
-    found: Mapping[str, Any] | None = instance.__dict__.get(_SNAPSHOT)
+    values = instance.__dict__
+    if _PENDING in values:
+        _settle(values)
+    found: Mapping[str, Any] | None = values.get(_SNAPSHOT)
     return found
+
+
+def _settle(values: dict[str, Any]) -> None:
+    """Go back past the saves whose savepoint or transaction rolled back."""
+    pending = values[_PENDING]
+    while pending is not None:
+        level, before, earlier = pending
+        if level.committed:
+            # Everything pending committed with it.
+            break
+        if level.stands():
+            values[_PENDING] = pending
+            return
+        values[_SNAPSHOT] = before
+        pending = earlier
+    values.pop(_PENDING)
+    if values.get(_SNAPSHOT, MISSING) is None:
+        values.pop(_SNAPSHOT)
 
 
 def current(instance: Any, attnames: Iterable[str]) -> dict[str, Any]:
@@ -45,8 +103,33 @@ def written(instance: Any, attnames: Iterable[str], fields: Iterable[str] | None
     return {name: value if name in saved else old.get(name, MISSING) for name, value in now.items()}
 
 
-def remember(instance: Any, values: Mapping[str, Any]) -> None:
-    instance.__dict__[_SNAPSHOT] = dict(values)
+def remember(instance: Any, values: Mapping[str, Any], using: str | None = None) -> None:
+    """Take ``values`` as what the database holds after a write through
+    ``using``, pending the atomic block the write is in."""
+    own = instance.__dict__
+    if using is not None:
+        connection = connections[using]
+        if connection.in_atomic_block:
+            level = _open_level(connection)
+            pending = own.get(_PENDING)
+            # A rollback of a level undoes all its writes: one entry will do.
+            if pending is None or pending[0] is not level:
+                own[_PENDING] = (level, own.get(_SNAPSHOT), pending)
+    own[_SNAPSHOT] = dict(values)
+
+
+def _open_level(connection: Any) -> _Level:
+    level: _Level | None = getattr(connection, _LEVEL_ATTR, None)
+    if (
+        level is not None
+        and not level.committed
+        and level.savepoints == internals.open_savepoints(connection)
+        and level.stands()
+    ):
+        return level
+    level = _Level(connection)
+    setattr(connection, _LEVEL_ATTR, level)
+    return level
 
 
 def refreshed(instance: Any, fields: Iterable[str] | None) -> None:
@@ -60,7 +143,8 @@ def refreshed(instance: Any, fields: Iterable[str] | None) -> None:
         if fields is None
         else {instance._meta.get_field(name).attname for name in fields} & old.keys()
     )
-    remember(instance, {**old, **{name: values.get(name, MISSING) for name in names}})
+    fresh = {**old, **{name: values.get(name, MISSING) for name in names}}
+    remember(instance, fresh, instance._state.db)
 
 
 def as_loaded(instance: Any) -> Any:

@@ -5,7 +5,8 @@ semantics, in tests/test_completeness.py):
 
 - a team is seen by the operators (``team-ops``) and by its own members;
 - a board, its cards and their comments by the team that owns the board;
-- a card also by its assignee, a comment also by its author;
+- a card also by its assignee and by its board's lead, a comment also by
+  its author;
 - labels and columns by everybody.
 """
 
@@ -27,8 +28,10 @@ def team_itself(team: Team) -> str:
     return f"team-{team.pk}"
 
 
-def comment_readers(comment: Comment) -> list[str]:
-    return [f"team-{comment.card.board.team_id}", f"user-{comment.author_id}"]
+def comment_author(comment: Comment) -> str:
+    # A callable reads only the row itself: what it read further up could not
+    # be told when that changed. The team comes from a path (two hops).
+    return f"user-{comment.author_id}"
 
 
 class Team(models.Model):
@@ -48,6 +51,14 @@ class Team(models.Model):
 class Board(models.Model):
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="boards")
     name = models.CharField(max_length=100)
+    # Its cards' readers too: deleting the lead changes who reads them.
+    lead = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="led_boards",
+    )
 
     objects = DirectiveManager()
 
@@ -146,7 +157,7 @@ class Card(models.Model):
             RefreshCollection("cards", params=["assignee"], mode="contains"),
             RefreshItem("board", id="board", collection="boards"),
         ]
-        directive_audience = ["assignee", "board__team"]
+        directive_audience = ["assignee", "board__team", "board__lead"]
         directive_relations = ["labels"]
 
     def __str__(self) -> str:
@@ -167,7 +178,7 @@ class Bug(Card):
             RefreshCollection("bugs", on=["create", "delete"]),
             RefreshCollection("bugs", params=["severity"]),
         ]
-        directive_audience = ["assignee", "board__team"]
+        directive_audience = ["assignee", "board__team", "board__lead"]
         directive_relations = ["labels"]
 
     def __str__(self) -> str:
@@ -186,7 +197,7 @@ class Comment(models.Model):
     class Meta:
         ordering = ["id"]
         directives = [RefreshItem("comment"), RefreshCollection("comments", params=["card"])]
-        directive_audience = comment_readers
+        directive_audience = ["card__board__team", comment_author]
 
     def __str__(self) -> str:
         return self.body
