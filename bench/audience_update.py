@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.audience_update [--rows 1000] [--repetitions 7]
 
-One process, one fresh SQLite file, the test suite's ``Todo`` model. Each
+One process, one fresh SQLite file, the demo's ``Todo`` model. Each
 repetition moves every row to another project (the foreign key that decides
 the audience) with ``Todo.objects.update(project=...)``, three ways,
 interleaved and in a rotating order:
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["VERITY_SQLITE_PATH"] = os.path.join(tmp, "bench.sqlite3")
-        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
         import django
 
         django.setup()
@@ -59,7 +59,7 @@ def run(rows: int, repetitions: int) -> None:
     from django.test.utils import CaptureQueriesContext
 
     import verity_django
-    from tests.testapp.models import Project, Todo
+    from testproject.todos.models import Project, Todo
     from verity_django import registry
     from verity_django.testing import capture_directives
 

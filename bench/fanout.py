@@ -29,7 +29,7 @@ from bench.harness import (
     sqlite_database,
 )
 from bench.report import Result, median, percentile
-from tests.live.servers import Pushpin, free_port, session_members
+from liveservers.processes import Pushpin, free_port, session_members
 
 WARMUP_ROUNDS = 2  # per mode; dropped from the statistics
 

@@ -1,6 +1,6 @@
 """Servers, databases, HTTP sessions and subprocesses shared by the benchmarks.
 
-The real-process harness of the live tests (``tests/live/servers.py``) starts
+The real-process harness of the live tests (``liveservers/processes.py``) starts
 and stops every server; this module only adds what benchmarks need on top:
 the bench settings module, a prepared SQLite database, and a logged-in client.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from tests.live.servers import (
+from liveservers.processes import (
     PYTHON,
     REPO_ROOT,
     AsgiServer,

@@ -29,7 +29,7 @@ from bench.harness import (
     wait_until,
 )
 from bench.report import Result, median, percentile
-from tests.live.servers import RedisServer, ServerError
+from liveservers.processes import RedisServer, ServerError
 
 Request = Callable[[httpx.Client, int], httpx.Response]
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.harness import postgres_database, python_json, run_bench_module, sqlite_database
 from bench.report import Result, median
-from tests.live.servers import RedisServer
+from liveservers.processes import RedisServer
 
 W3_ROWS = 10_000
 

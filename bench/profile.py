@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench.harness import BENCH_SETTINGS, CLIENT_ID, postgres_database, sqlite_database
-from tests.live.servers import RedisServer
+from liveservers.processes import RedisServer
 
 
 def _verity_seconds(frame: Any) -> float:

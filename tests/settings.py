@@ -3,7 +3,7 @@
 The demo stays installed because the in-process transaction tests under
 ``tests/live/`` use its models; every unit test uses ``tests.testapp``, whose
 URLs are the root ones here. Servers started by the live tests keep the
-demo's own settings (``tests/live/servers.py`` sets them).
+demo's own settings (``liveservers/processes.py`` sets them).
 """
 
 from __future__ import annotations

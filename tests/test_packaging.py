@@ -66,6 +66,14 @@ def test_wheel_metadata_names_the_extras(wheel: Path) -> None:
     assert 'djangorestframework>=3.16; extra == "drf"' in metadata
 
 
+def test_wheel_holds_only_the_library(wheel: Path) -> None:
+    # The repository's other top-level packages (the demo, the tests, the
+    # benchmarks, the live-server harness they share) are not the library.
+    with zipfile.ZipFile(wheel) as archive:
+        top_level = {name.split("/", 1)[0] for name in archive.namelist()}
+    assert {name for name in top_level if not name.endswith(".dist-info")} == {"verity_django"}
+
+
 def test_readme_command_installs_drf_with_the_bundled_pip(wheel: Path, tmp_path: Path) -> None:
     command = readme_install_command()
     assert command == "pip install 'verity-django[drf]'"

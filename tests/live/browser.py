@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from playwright.sync_api import Browser, Locator, Page, Playwright, Route, ViewportSize, expect
 
-from .servers import REPO_ROOT
+from liveservers.processes import REPO_ROOT
 
 WAIT_MS = 10_000
 VIEWPORT: ViewportSize = {"width": 1400, "height": 900}

@@ -1,4 +1,4 @@
-"""Fixtures for tests that start real processes (see servers.py and sse.py).
+"""Fixtures for tests that start real processes (see liveservers/processes.py and sse.py).
 
 Every test under tests/live is marked ``live``. Every server a fixture starts is
 stopped at teardown, and when the test failed its log is printed, so it shows
@@ -24,7 +24,7 @@ from typing import Protocol
 import httpx
 import pytest
 
-from .servers import (
+from liveservers.processes import (
     AsgiServer,
     ManagedProcess,
     PostgresServer,

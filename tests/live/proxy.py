@@ -15,7 +15,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from .servers import LOOPBACK
+from liveservers.processes import LOOPBACK
 
 
 @dataclass

@@ -22,9 +22,10 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
+from liveservers.processes import REPO_ROOT, AsgiServer, require_binary, run_manage
+
 from .browser import OUTPUT_DIR, WAIT_MS, Window, launch_chromium, unique
 from .conftest import AsgiServerFactory, _test_failed
-from .servers import REPO_ROOT, AsgiServer, require_binary, run_manage
 
 ALICE = ("alice", "alice-password")
 BOB = ("bob", "bob-password")

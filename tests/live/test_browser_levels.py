@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Request, expect, sync_playwright
 
+from liveservers.processes import require_binary
+
 from .browser import WAIT_MS, Window, launch_chromium, unique
 from .conftest import AsgiServerFactory, _test_failed
-from .servers import require_binary
 
 ALICE = ("alice", "alice-password")
 LEVELS = ["default", "simplified", "expanded"]

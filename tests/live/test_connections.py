@@ -12,8 +12,9 @@ import httpx
 import psycopg
 import pytest
 
+from liveservers.processes import AsgiServer, child_env
+
 from .conftest import prepare_database
-from .servers import AsgiServer, child_env
 from .sse import VerityConsumer
 from .test_faults import publish_from_another_process
 

@@ -33,10 +33,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
+from liveservers.processes import LOOPBACK, PYTHON, REPO_ROOT, AsgiServer, RedisServer, child_env
 from verity_django import directives as d
 
 from .conftest import AsgiServerFactory
-from .servers import LOOPBACK, PYTHON, REPO_ROOT, AsgiServer, RedisServer, child_env
 from .sse import SSEParser, VerityConsumer
 
 # --------------------------------------------------------------------------

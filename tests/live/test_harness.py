@@ -22,8 +22,7 @@ import psycopg
 import pytest
 import redis
 
-from .conftest import PushpinFactory
-from .servers import (
+from liveservers.processes import (
     AsgiServer,
     PostgresServer,
     RedisServer,
@@ -31,6 +30,8 @@ from .servers import (
     redis_ping,
     session_members,
 )
+
+from .conftest import PushpinFactory
 from .sse import SSEEvent, SSEParser, VerityConsumer, parse_stream, read_events
 
 # --------------------------------------------------------------------------

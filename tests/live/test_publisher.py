@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from liveservers.processes import LOOPBACK, RedisServer, free_port, run_manage
+
 from .conftest import AsgiServerFactory
-from .servers import LOOPBACK, RedisServer, free_port, run_manage
 from .sse import VerityConsumer
 
 pytestmark = pytest.mark.anyio

@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from liveservers.processes import AsgiServer, RedisServer, free_port, run_manage
+
 from .conftest import AsgiServerFactory, PushpinFactory
-from .servers import AsgiServer, RedisServer, free_port, run_manage
 from .sse import VerityConsumer, read_events
 
 pytestmark = pytest.mark.anyio

@@ -27,9 +27,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from liveservers.processes import LOOPBACK, AsgiServer, RedisServer, free_port
+
 from .conftest import AsgiServerFactory, PushpinFactory
 from .proxy import CuttingProxy
-from .servers import LOOPBACK, AsgiServer, RedisServer, free_port
 from .sse import VerityConsumer, read_events
 
 Login = Callable[[str, str, str], httpx.Cookies]
@@ -436,7 +437,8 @@ async def _reconnect_user_audience(
 )
 def test_database_positions_on_postgresql(postgres_database: str) -> None:
     """The positions unit tests again, with the database store on PostgreSQL."""
-    from .servers import REPO_ROOT
+    from liveservers.processes import REPO_ROOT
+
     from .test_faults import pytest_on_postgresql
 
     output = pytest_on_postgresql(postgres_database, str(REPO_ROOT / "tests/test_positions.py"))

@@ -28,8 +28,9 @@ from typing import Any
 import httpx
 import pytest
 
+from liveservers.processes import LOOPBACK, AsgiServer, RedisServer, free_port, run_manage
+
 from .conftest import AsgiServerFactory, PushpinFactory
-from .servers import LOOPBACK, AsgiServer, RedisServer, free_port, run_manage
 from .sse import SSEEvent, iter_events
 
 pytestmark = pytest.mark.anyio

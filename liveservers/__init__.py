@@ -1,0 +1,1 @@
+"""Real servers on loopback for tests/ and bench/ alike, so it is a package of its own."""
