@@ -46,6 +46,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("demo") and not item.get_closest_marker("urls"):
             item.add_marker(pytest.mark.urls("testproject.urls"))
+    # A session on PostgreSQL (scripts/test's second pass) runs only the tests
+    # marked for it: the rest are about code that does not touch the database
+    # vendor, or read SQLite files, and have run in the first pass already.
+    # Deselecting here, not with -m, leaves -m to whoever runs the suite.
+    if connection.vendor == "postgresql":
+        kept = [item for item in items if item.get_closest_marker("postgresql")]
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 def _models(request: pytest.FixtureRequest) -> Any:

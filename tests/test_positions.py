@@ -19,6 +19,8 @@ from verity_django import positions
 from verity_django.positions import History
 from verity_django.publishing import publish_now
 
+pytestmark = pytest.mark.postgresql
+
 # --------------------------------------------------------------------------
 # The history against an oracle
 # --------------------------------------------------------------------------

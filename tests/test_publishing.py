@@ -25,6 +25,8 @@ from verity_django.rules import Routed
 from verity_django.signals import envelope_published
 from verity_django.storage import Append, configured
 
+pytestmark = pytest.mark.postgresql
+
 
 def stored(audience: str) -> list[dict[str, Any]]:
     events = configured().get_events(channel_for(audience), 0)

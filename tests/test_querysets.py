@@ -17,6 +17,8 @@ from verity_django import registry
 from verity_django.rules import RefreshCollection
 from verity_django.testing import capture_directives
 
+pytestmark = pytest.mark.postgresql
+
 
 def make_todos(owner: Any, project: Project, n: int, status: str = "active") -> list[Todo]:
     return Todo.objects.bulk_create(

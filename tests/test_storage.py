@@ -14,6 +14,8 @@ from django_eventstream.storage import EventDoesNotExist
 
 from verity_django.storage import DatabaseStorage
 
+pytestmark = pytest.mark.postgresql
+
 
 @pytest.fixture
 def storage() -> DatabaseStorage:

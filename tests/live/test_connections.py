@@ -15,8 +15,8 @@ import pytest
 from liveservers.processes import AsgiServer, child_env
 
 from .conftest import prepare_database
+from .scenarios import publish_from_another_process
 from .sse import VerityConsumer
-from .test_faults import publish_from_another_process
 
 pytestmark = pytest.mark.anyio
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from .conftest import AsgiServerFactory
-from .sse import VerityConsumer
-from .test_faults import (
+from .scenarios import (
     Login,
     Mutator,
     account,
@@ -35,6 +34,7 @@ from .test_faults import (
     sqlite_envelopes,
     wait_all,
 )
+from .sse import VerityConsumer
 
 CONSUMERS = 100
 RATE = 10.0  # mutations per second, sent at a steady pace
