@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from liveservers.processes import PostgresServer, find_binary
+from liveservers.processes import PostgresServer, postgres_bindir
 
 USAGE = "usage: python -m liveservers postgres -- COMMAND [ARG...]"
 
@@ -40,10 +40,11 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def run_with_postgres(command: Sequence[str]) -> int:
-    if find_binary("initdb") is None or find_binary("postgres") is None:
+    bindir = postgres_bindir()
+    if bindir is None or not all((bindir / name).exists() for name in ("initdb", "postgres")):
         return _missing_postgres(command)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    with PostgresServer() as server:
+    with PostgresServer(bindir=bindir) as server:
         print(f"liveservers: PostgreSQL at {server.database_url}", file=sys.stderr, flush=True)
         env = {**os.environ, "VERITY_DATABASE_URL": server.database_url}
         return subprocess.run(command, env=env, check=False).returncode

@@ -1,9 +1,10 @@
 """Settings for the test suite: the demo project's, plus the suite's own app.
 
-The demo stays installed because the in-process transaction tests under
-``tests/live/`` use its models; every unit test uses ``tests.testapp``, whose
-URLs are the root ones here. Servers started by the live tests keep the
-demo's own settings (``liveservers/processes.py`` sets them).
+The demo stays installed because the transaction tests
+(``tests/test_transactions.py``) use its models; every other unit test uses
+``tests.testapp``, whose URLs are the root ones here. Servers started by the
+live tests keep the demo's own settings (``liveservers/processes.py`` sets
+them).
 """
 
 from __future__ import annotations
