@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
+from liveservers.processes import LOOPBACK, RedisServer
 from verity_django import directives as d
 from verity_django import publishing
 from verity_django.batching import Batch
 from verity_django.rules import Routed
 from verity_django.storage import RedisStorage
-
-from .servers import LOOPBACK, RedisServer
 
 
 class AnswerSwallowingProxy:
