@@ -4,7 +4,9 @@
 and leaves the server's side open and unread: the server learns nothing and
 keeps writing into a socket until its buffers fill, as it does behind a
 dropped Wi-Fi or a sleeping laptop. ``accepting`` holds new connections
-(the client is away) until it is set again.
+(the client is away) until it is set again. While ``answers_muted`` is set,
+what the server sends is dropped and what the client sends still arrives:
+a request the server runs and whose answer never comes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class CuttingProxy:
         self.port: int = self.listener.getsockname()[1]
         self.accepting = threading.Event()
         self.accepting.set()
+        self.answers_muted = threading.Event()
         self._pairs: list[_Pair] = []
         self._zombies: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -79,7 +82,8 @@ class CuttingProxy:
                 if not data:
                     dst.shutdown(socket.SHUT_WR)  # a clean close travels on
                     break
-                dst.sendall(data)
+                if not (src is pair.upstream and self.answers_muted.is_set()):
+                    dst.sendall(data)
         except OSError:
             pass
         if pair.cut:

@@ -4,16 +4,13 @@ redis-py gives up on a command after ``REDIS_TIMEOUT`` even when Redis ran
 it: the envelope is stored (and published) while the publisher saw a
 failure. Its retry presents the same append token, and the append script
 answers with the seq it stored the first time. A proxy in front of a real
-redis-server forwards every command and, while muted, swallows Redis's
-answers: the timeout users meet on a congested link.
+redis-server forwards every command and, with its answers muted, swallows
+Redis's answers: the timeout users meet on a congested link.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import select
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,57 +24,16 @@ from verity_django.batching import Batch
 from verity_django.rules import Routed
 from verity_django.storage import RedisStorage
 
-
-class AnswerSwallowingProxy:
-    """Forwards connections to Redis; while ``muted``, Redis's answers are dropped."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server((LOOPBACK, 0))
-        self.port: int = self.listener.getsockname()[1]
-        self.muted = threading.Event()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((LOOPBACK, self.upstream_port), timeout=5)
-            for src, dst, answers in ((client, upstream, False), (upstream, client, True)):
-                args = (src, dst, answers)
-                threading.Thread(target=self._pump, args=args, daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
-        try:
-            while not self.closed:
-                ready, _, _ = select.select([src], [], [], 0.05)
-                if not ready:
-                    continue
-                data = src.recv(65536)
-                if not data:
-                    break
-                if not (answers and self.muted.is_set()):
-                    dst.sendall(data)
-        except OSError:
-            pass
-        for sock in (src, dst):
-            sock.close()
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
+from .proxy import CuttingProxy
 
 
 @pytest.fixture
 def redis_behind_proxy(
     redis_server: RedisServer,
-) -> Iterator[tuple[AnswerSwallowingProxy, Any]]:
+) -> Iterator[tuple[CuttingProxy, Any]]:
     import redis
 
-    proxy = AnswerSwallowingProxy(redis_server.port)
+    proxy = CuttingProxy(redis_server.port)
     storage = RedisStorage()
     connection = {"host": LOOPBACK, "port": proxy.port}
     with override_settings(
@@ -91,7 +47,7 @@ def redis_behind_proxy(
         try:
             yield proxy, redis.Redis(host=LOOPBACK, port=redis_server.port)
         finally:
-            proxy.muted.clear()
+            proxy.answers_muted.clear()
             publishing.flush(timeout=5)
             publishing.configured = original  # type: ignore[assignment]
             proxy.close()
@@ -116,29 +72,29 @@ def _stored_names(redis_client: Any) -> list[str]:
     return names
 
 
-def _lose_answers_then_recover(proxy: AnswerSwallowingProxy, redis_client: Any) -> list[str]:
+def _lose_answers_then_recover(proxy: CuttingProxy, redis_client: Any) -> list[str]:
     # Answered: Redis now knows the script, so the next append runs it at once.
     _deliver("before")
-    proxy.muted.set()
+    proxy.answers_muted.set()
     _deliver("first")
     # Redis ran the append; its answer never came back.
     assert int(redis_client.get("verity:counter:verity.global") or 0) == 2
     assert publishing.counters.depth == 1
     _deliver("second")
-    proxy.muted.clear()
+    proxy.answers_muted.clear()
     assert publishing.flush(timeout=10)
     return _stored_names(redis_client)
 
 
 def test_a_retry_after_a_lost_answer_stores_the_envelope_once(
-    redis_behind_proxy: tuple[AnswerSwallowingProxy, Any],
+    redis_behind_proxy: tuple[CuttingProxy, Any],
 ) -> None:
     proxy, redis_client = redis_behind_proxy
     assert _lose_answers_then_recover(proxy, redis_client) == ["before", "first", "second"]
 
 
 def test_without_the_token_check_the_retry_stores_it_twice(
-    redis_behind_proxy: tuple[AnswerSwallowingProxy, Any], monkeypatch: pytest.MonkeyPatch
+    redis_behind_proxy: tuple[CuttingProxy, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same scenario, retries presented as first attempts: the check
     above catches a storage that stores a retried envelope again."""
