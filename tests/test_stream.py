@@ -257,22 +257,26 @@ async def test_other_processes_envelopes_arrive_under_steady_local_traffic(alice
     stream = response.streaming_content
     await messages(stream, 2)
     local = threading.Event()
+    elsewhere_due = threading.Event()
 
     def traffic() -> None:
         # Local envelopes on another channel, far more often than POLL_INTERVAL.
+        # The one writer: the in-memory test database refuses a second
+        # concurrent writer at once ("table is locked") instead of waiting.
         while not local.is_set():
             publish_now(mine, [d.refresh_collection("local")])
+            if elsewhere_due.is_set():
+                elsewhere_due.clear()
+                # Stored as another process stores it: no offer reaches this tailer.
+                head, tail = envelopes.parts("global", [d.refresh_collection("elsewhere")], None)
+                configured().append_many("message", [Append("verity.global", head, tail)])
             time.sleep(0.01)
 
     pump = threading.Thread(target=traffic)
     pump.start()
     try:
         await asyncio.sleep(0.3)
-        # Stored as another process stores it: no offer reaches this tailer.
-        head, tail = envelopes.parts("global", [d.refresh_collection("elsewhere")], None)
-        await sync_to_async(configured().append_many)(
-            "message", [Append("verity.global", head, tail)]
-        )
+        elsewhere_due.set()
         buffer = ""
         async with asyncio.timeout(5):
             async for chunk in stream:
