@@ -71,7 +71,8 @@ def run(rows: int, repetitions: int) -> None:
     here = Project.objects.create(name="here", owner=alice)
     there = Project.objects.create(name="there", owner=bob)
     Todo.objects.bulk_create(Todo(title=f"t{i}", owner=alice, project=here) for i in range(rows))
-    declared = registry._declared[Todo]
+    declared = registry.declaration(Todo)
+    assert declared is not None
 
     audiences: dict[str, Any] = {"path": "project__owner", "callable": team_owner, "off": None}
     times: dict[str, list[float]] = {name: [] for name in audiences}
