@@ -33,7 +33,8 @@ def validate_audience(audience: Any) -> str:
     return audience  # type: ignore[no-any-return]
 
 
-# Audiences repeat on every save; remember the valid ones (bounded).
+# Audiences repeat on every save; remember the valid ones (bounded; bench W4:
+# verity's extra Python calls per 200 saves 39,181 without, 37,171 with).
 _valid: set[str] = set()
 
 

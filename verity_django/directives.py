@@ -100,7 +100,9 @@ class Directive:
     def trusted(cls, **fields: Any) -> Directive:
         """Build without validation from values that are valid by
         construction: rules check their names at start-up and turn field
-        values into JSON scalars. This runs for every directive of every save."""
+        values into JSON scalars. This runs for every directive rules build
+        (bench W4 with the rules' directive cache off: verity's extra Python
+        calls per 200 saves 66,368 validated, 50,768 trusted)."""
         directive = object.__new__(cls)
         directive.__dict__.update(_DEFAULTS)
         directive.__dict__.update(fields)

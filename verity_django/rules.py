@@ -506,7 +506,8 @@ _ParamsKey = tuple[tuple[str, type, Any], ...]
 
 # A save builds the same few directives as the previous save of the same kind
 # of row: directives are immutable and stamping copies them, so built ones are
-# shared. Bounded, because ids and params values come from the data.
+# shared. Bounded, because ids and params values come from the data. Bench
+# W4: verity's extra Python calls per 200 saves 50,768 without, 37,171 with.
 @functools.lru_cache(maxsize=4096)
 def _item(name: str, id_type: str, item_id: Any, level: str | None) -> d.Directive:
     return d.Directive.trusted(op="refresh_item", name=name, id=item_id, level=level)
