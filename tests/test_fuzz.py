@@ -176,7 +176,7 @@ audiences = st.one_of(st.sampled_from(LOOKALIKE_AUDIENCES), hostile_text)
 # --------------------------------------------------------------------------
 
 
-@settings(max_examples=3000 * SCALE, deadline=None)
+@settings(max_examples=1200 * SCALE, deadline=None)
 @given(st.one_of(json_like, directive_like()))
 @example({"op": "invalidate", "targets": [{"op": "invalidate", "targets": []}]})
 @example({"op": "refresh_item", "name": "todo", "id": True})
@@ -303,7 +303,7 @@ def test_verity_emit_fails_only_with_command_error(payload: str, audience_args: 
 # --------------------------------------------------------------------------
 
 
-@settings(max_examples=3000 * SCALE, deadline=None)
+@settings(max_examples=1500 * SCALE, deadline=None)
 @given(st.one_of(audiences, audiences, json_scalars, json_like))
 def test_validate_audience_returns_input_or_raises_invalid_audience(value: Any) -> None:
     try:

@@ -164,7 +164,8 @@ def must_end(
 
 
 @pytest.mark.parametrize("transport", ["redis", "database"])
-@pytest.mark.parametrize("seed", [1, 2])
+# One fixed seed per transport: each round is a long live run (suite budget).
+@pytest.mark.parametrize("seed", [1])
 async def test_random_revocations_across_two_workers(
     asgi_server_factory: AsgiServerFactory,
     request: pytest.FixtureRequest,
