@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -103,3 +104,27 @@ def test_the_pull_copy_and_the_push_copy_share_their_keys(alice: Any) -> None:
     pushed = {x["idempotency_key"] for x in json.loads(event.data)["directives"]}
     assert pulled == pushed
     assert pulled
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_another_request_in_flight_the_push_copy_goes_out_as_the_view_returns(
+    alice: Any,
+) -> None:
+    # Deferred, it would overlap the other requests' writes (bench W5).
+    inside, release = threading.Event(), threading.Event()
+
+    def waiting(request: HttpRequest) -> HttpResponseBase:
+        inside.set()
+        release.wait(5)
+        return JsonResponse({"ok": True})
+
+    other = threading.Thread(target=DirectiveMiddleware(waiting), args=(_request(),))
+    other.start()
+    try:
+        assert inside.wait(5)
+        middleware = DirectiveMiddleware(_creating(alice, lambda: JsonResponse({"ok": True})))
+        middleware(_request())
+        assert stored_seqs("global") == [1]
+    finally:
+        release.set()
+        other.join(5)
