@@ -136,9 +136,7 @@ class Directive:
         of every change)."""
         if not changes.keys() <= RIDE_ALONG_FIELDS:
             return replace(self, **changes)
-        copy = object.__new__(Directive)
-        copy.__dict__.update(self.__dict__)
-        copy.__dict__.update(changes)
+        copy = self.with_trusted_metadata(**changes)
         # What was already valid stays so: a result payload is not walked
         # again for every key stamped on it.
         _validate_metadata(copy, changes)

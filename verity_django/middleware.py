@@ -43,9 +43,11 @@ class _InFlight:
         with self.lock:
             self.count += 1
 
-    def leave(self) -> None:
+    def leave(self) -> bool:
+        """Count one request out; whether it was the only one in flight."""
         with self.lock:
             self.count -= 1
+            return self.count == 0
 
 
 _in_flight = _InFlight()
@@ -80,9 +82,7 @@ class DirectiveMiddleware:
                 self._inject_json(request, got)
                 response = got
         finally:
-            alone = _in_flight.count == 1
-            _in_flight.leave()
-            if not (alone and opened.close_after(response)):
+            if not (_in_flight.leave() and opened.close_after(response)):
                 opened.close()
         assert response is not None
         return response
@@ -100,14 +100,11 @@ class DirectiveMiddleware:
                 self._inject_json(request, got)
                 response = got
         finally:
-            alone = _in_flight.count == 1
-            _in_flight.leave()
-            if alone and opened.close_after(response):
-                pass
-            elif opened and not opened.closed:
-                await sync_to_async(opened.close)()
-            else:
-                opened.closed = True
+            if not (_in_flight.leave() and opened.close_after(response)):
+                if opened and not opened.closed:
+                    await sync_to_async(opened.close)()
+                else:
+                    opened.closed = True
         assert response is not None
         return response
 

@@ -22,7 +22,7 @@ from verity_django.conf import conf
 
 REQUEST_HEADER = "X-Verity-Directive-Request"
 REQUEST_VALUE = "send me directives"
-_REQUEST_META_KEY = "HTTP_" + REQUEST_HEADER.upper().replace("-", "_")
+_REQUEST_META_KEY = clients.meta_key(REQUEST_HEADER)
 
 
 def wants_directives(request: HttpRequest) -> bool:
