@@ -31,8 +31,10 @@ class _InFlight:
     A lone request's push copy waits for its response to be sent, so the
     requester does not wait for storage (bench W1: 1.13 to 1.02). With other
     requests in flight it is published before the response, as the view
-    returns: deferred, it overlapped the next requests' writes and cost
-    concurrent throughput (bench W5: 0.98 to 0.84).
+    returns, keeping the back-pressure of the old order: one pair of runs
+    showed deferral costing concurrent throughput (bench W5 0.98 to 0.84),
+    but later runs of W5 spread over 0.74-0.98 with deferral on and off
+    alike, so that evidence is weak (bench/README.md).
     """
 
     def __init__(self) -> None:
