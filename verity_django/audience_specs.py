@@ -58,6 +58,12 @@ class AudienceSpec(Protocol):
     @property
     def needs_instance(self) -> bool: ...
 
+    @property
+    def reads_other_rows(self) -> bool:
+        """Whether resolving queries the database (or user code may): when
+        False, a side's audiences follow from its values alone, and
+        ``resolve`` needs none of the sides up front."""
+
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         """A function from each of ``sides`` to its audiences."""
 
@@ -73,6 +79,7 @@ class Audience:
     name: str
     tracked: tuple[str, ...] = field(default=(), init=False, repr=False)
     needs_instance: bool = field(default=False, init=False, repr=False)
+    reads_other_rows: bool = field(default=False, init=False, repr=False)
 
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         constant = (self.name,)
@@ -88,6 +95,10 @@ class FieldAudience:
     prefix: str
     model_label: str
     needs_instance: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def reads_other_rows(self) -> bool:
+        return False
 
     @property
     def tracked(self) -> tuple[str, ...]:
@@ -118,6 +129,10 @@ class PathAudience(FieldAudience):
     target: type[models.Model]
     target_field: str
     rest: str
+
+    @property
+    def reads_other_rows(self) -> bool:
+        return True
 
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         ids = {
@@ -175,6 +190,7 @@ class CallableAudience:
     model_label: str
     tracked: tuple[str, ...]
     needs_instance: bool = field(default=True, init=False, repr=False)
+    reads_other_rows: bool = field(default=True, init=False, repr=False)
 
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         instances = [s.instance for s in sides if s.instance is not None]
@@ -231,6 +247,10 @@ class AudienceList:
     @property
     def needs_instance(self) -> bool:
         return any(s.needs_instance for s in self.specs)
+
+    @property
+    def reads_other_rows(self) -> bool:
+        return any(s.reads_other_rows for s in self.specs)
 
     def resolve(self, sides: Sequence[Side], using: str) -> Resolved:
         resolved = [s.resolve(sides, using) for s in self.specs]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, connections
 
@@ -25,7 +25,10 @@ from verity_django import directives as d
 from verity_django import internals
 from verity_django.audiences import GLOBAL, validate_audience
 from verity_django.conf import conf
-from verity_django.rules import Routed
+from verity_django.rules import PlainChange, Routed
+
+if TYPE_CHECKING:
+    from verity_django.registry import ModelRules
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class Batch:
     # What crowded items collapsed into, kept so that every reading of the
     # batch (pull, then push) shows the same idempotency keys.
     _collapsed: dict[str, _Entry] = field(default_factory=dict)
+    # Item names already known to be crowded (``Routed.crowds``).
+    _crowded: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         # Checked once here, so that stamping it on every directive need not.
@@ -69,6 +74,8 @@ class Batch:
 
     def add(self, routed: Iterable[Routed]) -> None:
         for item in routed:
+            if item.crowds is not None:
+                self._crowded.add(item.crowds)
             key = item.directive.identity
             entry = self._entries.get(key)
             if entry is None:
@@ -115,7 +122,7 @@ class Batch:
                 items[name] = items.get(name, 0) + 1
             elif _is_params_variant(e.directive):
                 variants[name] = variants.get(name, 0) + 1
-        crowded = {name for name, n in items.items() if n > threshold}
+        crowded = {name for name, n in items.items() if n > threshold} | self._crowded
         crowded_params = {name for name, n in variants.items() if n > threshold}
         if crowded or crowded_params:
             entries = self._collapse(entries, crowded, crowded_params)
@@ -312,17 +319,42 @@ def collect(routed: list[Routed], *, using: str | None = None) -> None:
     """Add directives of a change; they count once the change is committed."""
     if not routed:
         return
-    batch = _current.get()
     connection = connections[using or DEFAULT_DB_ALIAS]
     if not internals.commit_is_ahead(connection):
-        _add_committed(batch, routed)
+        _add_committed(_current.get(), routed)
         return
-    if batch is None:
-        batch = _transaction_batch(connection)
-        _open_part(connection, batch).routed.extend(routed)
-        _keep_flush_last(connection)
+    _part_for(connection).items.extend(routed)
+
+
+def collect_plain(rules: ModelRules, change: PlainChange, *, using: str | None = None) -> None:
+    """Add a change of rules that route by values alone: it is routed when
+    it commits, together with the others of its savepoint level (one
+    ``route_plain`` for a loop of saves, bench W4)."""
+    connection = connections[using or DEFAULT_DB_ALIAS]
+    if not internals.commit_is_ahead(connection):
+        _add_committed(_current.get(), rules.route_plain([change], connection.alias))
         return
-    _open_part(connection, batch).routed.extend(routed)
+    _part_for(connection).add_plain(rules, change, connection.alias)
+
+
+def _part_for(connection: Any) -> _Part:
+    batch = _current.get()
+    if batch is not None:
+        return _open_part(connection, batch)
+    part = _open_part(connection, _transaction_batch(connection))
+    _keep_flush_last(connection)
+    return part
+
+
+class _Plain:
+    """Consecutive plain changes of one set of rules, routed at commit."""
+
+    __slots__ = ("changes", "rules", "using")
+
+    def __init__(self, rules: ModelRules, using: str, change: PlainChange) -> None:
+        self.rules = rules
+        self.using = using
+        self.changes = [change]
 
 
 class _Part:
@@ -333,15 +365,30 @@ class _Part:
     level can share one callback: they commit or roll back together.
     """
 
-    __slots__ = ("batch", "routed", "savepoints")
+    __slots__ = ("batch", "items", "savepoints")
 
     def __init__(self, batch: Batch, savepoints: tuple[str, ...]) -> None:
         self.batch = batch
         self.savepoints = savepoints
-        self.routed: list[Routed] = []
+        # In the order the changes were made, which is the batch's order.
+        self.items: list[Routed | _Plain] = []
+
+    def add_plain(self, rules: ModelRules, change: PlainChange, using: str) -> None:
+        items = self.items
+        last = items[-1] if items else None
+        if isinstance(last, _Plain) and last.rules is rules and last.using == using:
+            last.changes.append(change)
+        else:
+            items.append(_Plain(rules, using, change))
 
     def __call__(self) -> None:
-        _add_committed(self.batch, self.routed)
+        routed: list[Routed] = []
+        for item in self.items:
+            if isinstance(item, _Plain):
+                routed += item.rules.route_plain(item.changes, item.using)
+            else:
+                routed.append(item)
+        _add_committed(self.batch, routed)
 
 
 _PART_ATTR = "_verity_open_part"

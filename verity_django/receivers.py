@@ -108,7 +108,11 @@ def _on_post_save(
     event = "create" if created else "update"
     old = None if created else tracking.previous(instance)
     routed: list[Routed] = []
+    plain: list[ModelRules] = []
     for rules in of.rules:
+        if rules.routes_by_values:
+            plain.append(rules)
+            continue
         now = tracking.with_values(instance, new) if rules.needs_instances else instance
         routed.extend(rules.route([rules.change(event, old, new, now)], db))
     if not created:
@@ -119,7 +123,9 @@ def _on_post_save(
     # Remembered first: the snapshot's commit marker then precedes the
     # batch's callbacks, which look for theirs among the newest entries.
     tracking.remember(instance, new, db)
-    batching.collect(routed, using=using)
+    for rules in plain:
+        batching.collect_plain(rules, (event, old, new), using=db)
+    batching.collect(routed, using=db)
 
 
 def through_parent(
@@ -155,8 +161,11 @@ def _on_post_delete(
     db = using or DEFAULT_DB_ALIAS
     routed: list[Routed] = []
     for rules in of.rules:
-        routed.extend(rules.route([rules.change("delete", old, None, instance)], db))
-    batching.collect(routed, using=using)
+        if rules.routes_by_values:
+            batching.collect_plain(rules, ("delete", old, None), using=db)
+        else:
+            routed.extend(rules.route([rules.change("delete", old, None, instance)], db))
+    batching.collect(routed, using=db)
 
 
 def _on_m2m_changed(

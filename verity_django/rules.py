@@ -43,6 +43,8 @@ KeyBuilder = Callable[[Any, str], str]
 # old board to the old team and its new board to the new team.
 OLD, NEW, BOTH = 1, 2, 3
 Evaluated = Iterator[tuple[d.Directive, tuple[str, ...], int]]
+# A change as (event, values when loaded, values now).
+PlainChange = tuple[str, Mapping[str, Any] | None, Mapping[str, Any] | None]
 
 
 @dataclass
@@ -215,6 +217,10 @@ class Bound(Protocol):
     def needs_instance(self) -> bool: ...
 
     @property
+    def events(self) -> frozenset[str]:
+        """The events the rule gives directives for."""
+
+    @property
     def collapse_names(self) -> tuple[str, ...]:
         """The collections a change to rows not read one by one refreshes."""
 
@@ -225,6 +231,14 @@ class Bound(Protocol):
         new: Mapping[str, Any] | None,
         instance: Any = None,
     ) -> Evaluated: ...
+
+    def crowds(self, changes: Sequence[PlainChange], threshold: int) -> bool:
+        """Whether ``changes`` give more than ``threshold`` items of this
+        rule, which collapse into ``collapse_names`` whatever else the batch
+        holds, so that they need not be evaluated one by one."""
+
+    def gives_item(self, event: str, new: Mapping[str, Any] | None) -> bool:
+        """Whether a rule that :meth:`crowds` gives the row's item for ``event``."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +251,9 @@ class Routed:
     # Who may receive the directive's ``result`` (the object's data as it is
     # now); None means every audience. The others get the directive without it.
     result_audiences: frozenset[str] | None = None
+    # A collection standing for more than COLLAPSE_THRESHOLD items of this
+    # name: the batch collapses its other items of the name too.
+    crowds: str | None = None
 
 
 @dataclass(frozen=True)
@@ -296,6 +313,26 @@ class BoundItem:
                     yield _shared_collection(name, None, "exact"), (), side
                 continue
             yield self._directive(json_id, event, instance), self.collapse_to, side
+
+    def crowds(self, changes: Sequence[PlainChange], threshold: int) -> bool:
+        # Only an item named by the row's own pk is one per row for sure.
+        if len(changes) <= threshold or not (self.rule.is_self and self.collapse_to):
+            return False
+        if self.needs_instance:
+            return False
+        attname, events = self.attname, self.events
+        try:
+            ids = {
+                new[attname]
+                for event, _, new in changes
+                if new is not None and event in events and event != "delete"
+            }
+        except (KeyError, TypeError):
+            return False
+        return len(ids) > threshold
+
+    def gives_item(self, event: str, new: Mapping[str, Any] | None) -> bool:
+        return new is not None and event in self.events and event != "delete"
 
     def _directive(self, json_id: Any, event: str, instance: Any) -> d.Directive:
         rule = self.rule
@@ -418,6 +455,12 @@ class BoundCollection:
                 seen.append([frozen, side])
         for frozen, side in seen:
             yield self._directive(frozen, key), (), side
+
+    def crowds(self, changes: Sequence[PlainChange], threshold: int) -> bool:
+        return False
+
+    def gives_item(self, event: str, new: Mapping[str, Any] | None) -> bool:
+        return False
 
     def _directive(self, params: _ParamsKey | None, key: str | None) -> d.Directive:
         rule = self.rule
