@@ -125,7 +125,8 @@ def _on_post_save(
     tracking.remember(instance, new, db)
     for rules in plain:
         batching.collect_plain(rules, (event, old, new), using=db)
-    batching.collect(routed, using=db)
+    if routed:
+        batching.collect(routed, using=db)
 
 
 def through_parent(
