@@ -37,7 +37,7 @@ def _w1h(quick: bool) -> list[Result]:
 
 
 def _w5(quick: bool) -> list[Result]:
-    requests, repetitions = (10, 3) if quick else (25, 5)
+    requests, repetitions = (10, 8) if quick else (20, 16)
     return [
         http_bench.run_concurrent(
             postgres=postgres, clients=8, requests=requests, repetitions=repetitions
