@@ -58,7 +58,7 @@ def is_registered(connection: Any, func: Callable[[], Any], *, among_last: int =
     if among_last:
         entries = entries[-among_last:]
     # A loop, not any() over a generator: this runs on every save (bench W4).
-    for entry in entries:
+    for entry in entries:  # noqa: SIM110
         if entry[1] is func:
             return True
     return False
