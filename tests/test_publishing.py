@@ -314,6 +314,7 @@ class RecordingStorage:
     round trip, while its caller goes on publishing."""
 
     publishes_to_listeners = True
+    shares_the_database = False
 
     def __init__(self) -> None:
         self.runs: list[tuple[str, list[str]]] = []
@@ -406,3 +407,13 @@ def test_publish_now_right_after_a_publish_is_still_stored_by_its_caller(
     assert published.seq == 2
     caller = threading.current_thread().name
     assert recording.runs == [(caller, ["alone"]), (caller, ["now"])]
+
+
+def test_a_burst_into_the_callers_database_stays_inline(
+    recording: RecordingStorage, monkeypatch: Any
+) -> None:
+    """The publisher thread's transactions would contend with the caller's
+    for the database's write lock: such a storage keeps every publish inline."""
+    monkeypatch.setattr(recording, "shares_the_database", True, raising=False)
+    _publish_back_to_back(_BURST)
+    assert recording.stored_by(threading.current_thread().name) == _BURST

@@ -256,6 +256,15 @@ def grip_configured() -> bool:
     return bool(getattr(settings, "GRIP_URL", None) or getattr(settings, "GRIP_PROXIES", None))
 
 
+def _shares_the_database() -> bool:
+    """Whether the storage writes to the database the caller writes to: the
+    publisher thread's transactions would then contend with the caller's for
+    its write lock (SQLite's shared-cache test database refuses at once:
+    "database table is locked"), so the burst rule leaves such callers
+    inline."""
+    return bool(getattr(configured(), "shares_the_database", True))
+
+
 class _Steps:
     """Where a run's envelopes go, read from the settings when it starts."""
 
@@ -321,7 +330,8 @@ class _Publisher:
         # what the envelope is stored next to: only its own connection can
         # write there, so it publishes inline, failing or not.
         in_test = any(c.in_atomic_block for c in connections.all(initialized_only=True))
-        inline = in_test or (self.healthy and (wait or (conf.PUBLISH_INLINE and not in_burst)))
+        grouped = in_burst and not _shares_the_database()
+        inline = in_test or (self.healthy and (wait or (conf.PUBLISH_INLINE and not grouped)))
         if inline and self.publishing.acquire(blocking=False):
             self._publish_then_release(until=pending[-1])
         if not in_test:

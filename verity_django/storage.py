@@ -99,6 +99,7 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
 
     _last_trim = 0.0
     _trim_lock = threading.Lock()
+    shares_the_database = True
 
     def append_event(self, channel: str, event_type: str, data: Any) -> Event:
         from django_eventstream.models import Event as EventRow
@@ -489,6 +490,7 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
     # thread-safe client per process instead of a connection pool per thread.
     _clients: dict[str, tuple[Any, Any]] = {}
     _clients_lock = threading.Lock()
+    shares_the_database = False
 
     @property
     def client(self) -> Any:
