@@ -27,11 +27,12 @@ Who publishes:
   a publish that comes alone (a request), when nobody else is publishing
   and the transports are healthy; also ``publish_now()``, and always inside
   a ``TestCase``;
-- **grouped**, the process's ``verity-publisher`` thread: a publish that
-  comes less than ``_BURST_GAP`` after the previous one returned (a loop in
-  a script, a management command, a Celery task), a concurrent request's (it
-  never waits for whoever is publishing), and everything while the breaker
-  is open. The thread stores what has accumulated in runs of up to
+- **grouped**, the process's ``verity-publisher`` thread: with a storage
+  apart from the caller's database (Redis), a publish that comes less than
+  ``_BURST_GAP`` after the previous one returned (a loop in a script, a
+  management command, a Celery task); a concurrent request's (it never
+  waits for whoever is publishing); and everything while the breaker is
+  open. The thread stores what has accumulated in runs of up to
   ``_GROUP``, each in one storage transaction or one Redis script call.
 
 When a step fails, the *breaker* opens: until a retry succeeds,
