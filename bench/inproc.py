@@ -30,6 +30,8 @@ from bench.report import Result, median
 from liveservers.processes import RedisServer
 
 W3_ROWS = 10_000
+# Issue 11: envelopes per second one process sustains with Redis.
+F3_TARGET = 5_000
 
 # --------------------------------------------------------------------------
 # Orchestrator side (no Django here)
@@ -95,8 +97,8 @@ def run_f3(repetitions: int, envelopes: int) -> Result:
         baseline=raw_rate,
         verity=verity_rate,
         ratio=ratio,
-        target="≥ 2,000/s, ratio ≤ 1.3",
-        passed=verity_rate >= 2000 and ratio <= 1.3 and not out["failed"],
+        target=f"≥ {F3_TARGET:,}/s, ratio ≤ 1.3",
+        passed=verity_rate >= F3_TARGET and ratio <= 1.3 and not out["failed"],
         notes=notes,
         details=out,
     )

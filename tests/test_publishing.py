@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -305,3 +306,114 @@ def test_reset_waits_for_a_run_already_in_storage(blocking: BlockingStorage) -> 
     resetting.join(5)
     first.join(5)
     assert blocking.stored == ["verity.global"]
+
+
+class RecordingStorage:
+    """Stores in memory and records which thread stored each run. The
+    publisher thread's appends wait for ``released``, as they wait for a
+    round trip, while its caller goes on publishing."""
+
+    publishes_to_listeners = True
+    shares_the_database = False
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, list[str]]] = []
+        self.seq = 0
+        self.entered = threading.Event()
+        self.released = threading.Event()
+
+    def append_many(self, event_type: str, appends: Sequence[Append]) -> list[Any]:
+        thread = threading.current_thread().name
+        if thread == "verity-publisher":
+            self.entered.set()
+            self.released.wait(5)
+        out = []
+        for item in appends:
+            self.seq += 1
+            out.append(
+                Event(item.channel, event_type, f"{item.head}{self.seq}{item.tail}", self.seq)
+            )
+        self.runs.append((thread, [json.loads(e.data)["directives"][0]["name"] for e in out]))
+        return out
+
+    def stored_by(self, thread: str) -> list[str]:
+        return [x for name, names in self.runs if name == thread for x in names]
+
+
+@pytest.fixture
+def recording(monkeypatch: Any) -> Iterator[RecordingStorage]:
+    storage = RecordingStorage()
+    monkeypatch.setattr(publishing, "configured", lambda: storage)
+    yield storage
+    storage.released.set()
+    assert publishing.flush(timeout=5)
+
+
+_BURST = [f"n{i}" for i in range(20)]
+
+
+def _publish_back_to_back(names: Sequence[str]) -> None:
+    for name in names:
+        publishing.publish("global", [d.refresh_collection(name)])
+
+
+def _publish_alone(name: str) -> None:
+    # Nothing else was published for far longer than a burst's gap.
+    assert publishing.flush(timeout=5)
+    time.sleep(0.05)
+    publishing.publish("global", [d.refresh_collection(name)])
+
+
+def test_a_lone_publish_is_stored_by_its_caller_and_a_burst_by_the_publisher(
+    recording: RecordingStorage,
+) -> None:
+    caller = threading.current_thread().name
+    _publish_alone("alone")
+    assert recording.runs == [(caller, ["alone"])]
+    _publish_back_to_back(_BURST)
+    # Else this thread's flush() could store what the publisher has not yet
+    # taken.
+    assert recording.entered.wait(5)
+    recording.released.set()
+    assert publishing.flush(timeout=5)
+    assert [x for _, names in recording.runs for x in names] == ["alone", *_BURST]
+    # The burst's first publish comes alone (and, should this thread be held
+    # up for longer than the gap, the next one too); the rest are left to the
+    # publisher thread, which stores what waits in one call per run.
+    by_caller = recording.stored_by(caller)
+    assert by_caller == ["alone", *_BURST[: len(by_caller) - 1]]
+    assert len(by_caller) - 1 < len(_BURST) // 2
+    assert len([x for x in recording.runs if x[0] == "verity-publisher"]) <= 2
+    _publish_alone("alone again")
+    assert recording.runs[-1] == (caller, ["alone again"])
+
+
+def test_without_the_burst_rule_every_publish_is_stored_by_its_caller(
+    recording: RecordingStorage, monkeypatch: Any
+) -> None:
+    """The rule switched off on purpose: the test above tells the difference."""
+    monkeypatch.setattr(publishing, "_BURST_GAP", 0.0)
+    _publish_back_to_back(_BURST)
+    assert recording.stored_by(threading.current_thread().name) == _BURST
+
+
+def test_publish_now_right_after_a_publish_is_still_stored_by_its_caller(
+    recording: RecordingStorage,
+) -> None:
+    """``publish_now`` waits for its envelope anyway: it never leaves it to
+    the publisher thread because of the burst rule."""
+    _publish_alone("alone")
+    published = publish_now("global", [d.refresh_collection("now")])
+    assert published.seq == 2
+    caller = threading.current_thread().name
+    assert recording.runs == [(caller, ["alone"]), (caller, ["now"])]
+
+
+def test_a_burst_into_the_callers_database_stays_inline(
+    recording: RecordingStorage, monkeypatch: Any
+) -> None:
+    """The publisher thread's transactions would contend with the caller's
+    for the database's write lock: such a storage keeps every publish inline."""
+    monkeypatch.setattr(recording, "shares_the_database", True, raising=False)
+    _publish_back_to_back(_BURST)
+    assert recording.stored_by(threading.current_thread().name) == _BURST

@@ -149,6 +149,16 @@ def test_redis_epoch_changes_when_redis_comes_back_without_its_data(
         assert storage.epoch() != before
 
 
+def _wait_until_subscribed(server: RedisServer, timeout: float = 10.0) -> None:
+    from verity_django.storage import PUBSUB_CHANNEL
+
+    client = redis_client(server)
+    deadline = time.monotonic() + timeout
+    while not client.pubsub_numsub(PUBSUB_CHANNEL)[0][1]:
+        assert time.monotonic() < deadline, "the worker never subscribed to Redis pub/sub"
+        time.sleep(0.01)
+
+
 @pytest.mark.anyio
 async def test_stream_open_across_an_empty_redis_restart_counts_again_from_one(
     asgi_server_factory: AsgiServerFactory, redis_server: RedisServer
@@ -160,6 +170,11 @@ async def test_stream_open_across_an_empty_redis_restart_counts_again_from_one(
     consumer = VerityConsumer(worker.base_url, audiences=["global"])
     async with consumer:
         await consumer.wait_for(said_hello, timeout=30)
+        # The worker subscribes to Redis pub/sub lazily, after the hello: what
+        # is published before that reaches it only once a later envelope shows
+        # the gap (test_fresh_redis_worker_streams_skip_nothing), and none
+        # follows these 40.
+        await asyncio.to_thread(_wait_until_subscribed, redis_server)
         stop = threading.Event()
         await asyncio.to_thread(pump_envelopes, redis_server, "global", stop, limit=40, pause=0)
         await consumer.wait_for(caught_up({"global": 40}), timeout=30)
