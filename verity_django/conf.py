@@ -277,8 +277,10 @@ class Settings:
         True,
         bool,
         "The committing thread stores and sends its own envelopes when no other thread "
-        "is publishing and the transports are healthy; False leaves all of it to the "
-        "process's publisher thread (inside a TestCase publishing is always inline).",
+        "is publishing and the transports are healthy, unless it publishes back to back "
+        "into Redis (then the publisher thread stores them in runs); False leaves all of "
+        "it to the process's publisher thread (inside a TestCase publishing is always "
+        "inline).",
         expected="a bool",
     )
     BACKLOG_LIMIT = Setting[int](

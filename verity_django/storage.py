@@ -518,7 +518,8 @@ return seqs
 # timeout). About 100 bytes of Redis memory per envelope of that window.
 APPEND_TOKEN_TTL = 60
 
-# django-eventstream's RedisListener subscribes to this pub/sub channel.
+# Every process's Redis subscription (tailer.supervise_redis_listener) reads
+# this pub/sub channel, django-eventstream's name for it.
 PUBSUB_CHANNEL = "events_channel"
 EPOCH_KEY = "verity:epoch"
 COUNTER_PREFIX = "verity:counter:"

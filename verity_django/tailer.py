@@ -19,14 +19,15 @@ A position only ever moves forward. A new stream reads what it needs before
 the tailer's position from storage itself (from its ``Last-Event-ID`` or its
 hello), so no client's request can make the tailer re-dispatch history.
 
-With ``EVENTSTREAM_REDIS`` set, django-eventstream's Redis listener delivers
-instead, and no tailer runs.
+With ``EVENTSTREAM_REDIS`` set, a Redis subscription delivers instead
+(:func:`supervise_redis_listener`), and no tailer runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -35,7 +36,7 @@ from typing import Any, TypeVar
 from django_eventstream.event import Event
 
 from verity_django.conf import conf
-from verity_django.storage import configured, reader
+from verity_django.storage import PUBSUB_CHANNEL, configured, reader
 
 logger = logging.getLogger(__name__)
 
@@ -192,15 +193,20 @@ def offer(channel: str, event: Event) -> None:
 
 
 _redis_task: asyncio.Task[None] | None = None
+_RESUBSCRIBED_SETTLE = 0.5
 
 
 def supervise_redis_listener() -> None:
-    """Run django-eventstream's Redis subscription under a supervisor.
+    """Run the Redis subscription that delivers envelopes to this process,
+    under a supervisor.
 
-    django-eventstream starts the subscription once, and if it dies (Redis
-    down for longer than the client retries) it never starts it again: live
-    streams then only get keep-alives. The supervisor restarts it with
-    backoff, and makes every stream re-read storage for what it missed.
+    django-eventstream's own listener starts once, and if it dies (Redis
+    down for longer than the client retries) it never starts again: live
+    streams then only get keep-alives. It also cannot say when its
+    subscription is live. This one is restarted with backoff, and each time
+    Redis confirms the subscription, every stream re-reads storage for what
+    was published before: a stream that read its start before then would
+    otherwise wait for a later envelope to show it the gap.
     """
     global _redis_task
     from django_eventstream.views import get_listener_manager
@@ -212,36 +218,58 @@ def supervise_redis_listener() -> None:
     if manager.redis_listener is None:
         return
     with manager.lock:
-        # Keeps django-eventstream from starting an unsupervised one.
+        # Keeps django-eventstream from starting its own.
         manager.redis_listener_started = True
     _redis_task = loop.create_task(_run_redis_listener(manager), name="verity-redis-listener")
 
 
 async def _run_redis_listener(manager: Any) -> None:
-    from django_eventstream.views import RedisListener
-
     backoff = 0.5
-    restarted = False
+    # After a reconnect (Redis itself may have restarted empty), the re-read
+    # waits a moment: envelopes of a new count that arrive through the
+    # subscription first let each stream tell that its count started over
+    # (a hello to 0, nothing missed) instead of a reset and a resync.
+    settle = 0.0
     while True:
-        if restarted:
-            manager.redis_listener = RedisListener()
-        listening = asyncio.ensure_future(manager.redis_listener.start())
-        if restarted:
-            # Give the new subscription a moment, then let every stream catch
-            # up from storage; anything later arrives through the subscription.
-            await asyncio.sleep(0.5)
-            _reread_all(manager)
         try:
-            await listening
+            await _listen(manager, settle)
             backoff = 0.5
         except asyncio.CancelledError:
-            listening.cancel()
             raise
         except Exception as exc:
             logger.warning("verity_django: Redis subscription lost (%s); restarting", exc)
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, 5.0)
-        restarted = True
+        settle = _RESUBSCRIBED_SETTLE
+
+
+async def _listen(manager: Any, settle: float) -> None:
+    """Hand every message of the envelopes' pub/sub channel to this
+    process's streams, as django-eventstream's listener does, and make them
+    re-read storage ``settle`` seconds after Redis confirmed the subscription."""
+    from django.conf import settings
+    from redis.asyncio import Redis
+
+    details: dict[str, Any] = dict(settings.EVENTSTREAM_REDIS)
+    client = Redis(**details)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(PUBSUB_CHANNEL)
+        async for message in pubsub.listen():
+            if message["type"] == "subscribe":
+                asyncio.get_running_loop().call_later(settle, _reread_all, manager)
+                # Any later confirmation follows redis-py's own reconnect.
+                settle = _RESUBSCRIBED_SETTLE
+            elif message["type"] == "message":
+                published = json.loads(message["data"])
+                channel = published["channel"]
+                event = Event(
+                    channel, published["event_type"], published["data"], id=published["pub_id"]
+                )
+                manager.add_to_queues(channel, event)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await client.aclose()
 
 
 def _reread_all(manager: Any) -> None:

@@ -63,7 +63,12 @@ class CuttingProxy:
             if self._closed:
                 client.close()
                 return
-        upstream = socket.create_connection((LOOPBACK, self.upstream_port), timeout=10)
+        try:
+            upstream = socket.create_connection((LOOPBACK, self.upstream_port), timeout=10)
+        except OSError:
+            # The server is gone (stopped, restarting): the client sees a close.
+            client.close()
+            return
         pair = _Pair(client, upstream)
         with self._lock:
             self._pairs.append(pair)

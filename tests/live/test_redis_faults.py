@@ -23,6 +23,7 @@ from liveservers.processes import LOOPBACK, RedisServer
 from verity_django import directives as d
 
 from .conftest import AsgiServerFactory
+from .proxy import CuttingProxy
 from .scenarios import (
     Login,
     Mutation,
@@ -118,6 +119,41 @@ async def test_fresh_redis_worker_streams_skip_nothing(
         assert consumer.received["global"] == list(range(hello + 1, final["global"] + 1))
 
 
+@pytest.mark.anyio
+async def test_envelopes_published_before_the_subscription_is_live_still_arrive(
+    asgi_server_factory: AsgiServerFactory, redis_server: RedisServer
+) -> None:
+    """The worker's pub/sub connection is held (a slow network) while its
+    first stream says hello and five envelopes are published: nobody in the
+    worker hears them, and no later envelope shows the stream the gap. Once
+    Redis confirms the subscription, the stream must read them from storage."""
+    proxy = CuttingProxy(redis_server.port)
+    proxy.accepting.clear()
+    try:
+        worker = asgi_server_factory(
+            env={
+                "VERITY_REDIS": redis_server.address,
+                "VERITY_REDIS_PUBSUB": f"{LOOPBACK}:{proxy.port}",
+            }
+        )
+        consumer = VerityConsumer(worker.base_url, audiences=["global"])
+        async with consumer:
+            await consumer.wait_for(said_hello, timeout=30)
+            start = consumer.hellos[0].last_seq
+            await asyncio.to_thread(
+                pump_envelopes, redis_server, "global", threading.Event(), limit=5, pause=0
+            )
+            # Long enough for any fixed grace period after the subscribe call.
+            await asyncio.sleep(1.5)
+            assert consumer.received.get("global", []) == []
+            proxy.accepting.set()
+            await consumer.wait_for(caught_up({"global": start + 5}), timeout=30)
+        assert consumer.received["global"] == list(range(start + 1, start + 6))
+        assert consumer.gaps == []
+    finally:
+        proxy.close()
+
+
 # --------------------------------------------------------------------------
 # Redis restarted (memory lost) with streams open
 # --------------------------------------------------------------------------
@@ -149,16 +185,6 @@ def test_redis_epoch_changes_when_redis_comes_back_without_its_data(
         assert storage.epoch() != before
 
 
-def _wait_until_subscribed(server: RedisServer, timeout: float = 10.0) -> None:
-    from verity_django.storage import PUBSUB_CHANNEL
-
-    client = redis_client(server)
-    deadline = time.monotonic() + timeout
-    while not client.pubsub_numsub(PUBSUB_CHANNEL)[0][1]:
-        assert time.monotonic() < deadline, "the worker never subscribed to Redis pub/sub"
-        time.sleep(0.01)
-
-
 @pytest.mark.anyio
 async def test_stream_open_across_an_empty_redis_restart_counts_again_from_one(
     asgi_server_factory: AsgiServerFactory, redis_server: RedisServer
@@ -170,11 +196,9 @@ async def test_stream_open_across_an_empty_redis_restart_counts_again_from_one(
     consumer = VerityConsumer(worker.base_url, audiences=["global"])
     async with consumer:
         await consumer.wait_for(said_hello, timeout=30)
-        # The worker subscribes to Redis pub/sub lazily, after the hello: what
-        # is published before that reaches it only once a later envelope shows
-        # the gap (test_fresh_redis_worker_streams_skip_nothing), and none
-        # follows these 40.
-        await asyncio.to_thread(_wait_until_subscribed, redis_server)
+        # Published at once: the worker may not be subscribed to Redis pub/sub
+        # yet, and no later envelope shows the gap; the stream's re-read once
+        # the subscription is up must deliver them.
         stop = threading.Event()
         await asyncio.to_thread(pump_envelopes, redis_server, "global", stop, limit=40, pause=0)
         await consumer.wait_for(caught_up({"global": 40}), timeout=30)
