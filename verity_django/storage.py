@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connections, router, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
 from django.db.models import F
 from django.utils import timezone
 from django_eventstream.event import Event
@@ -235,12 +242,31 @@ def on_reader(func: Callable[..., T], *args: Any) -> T:
 
 def _reconnecting(func: Callable[..., T], *args: Any) -> T:
     try:
-        return func(*args)
+        return _retrying_shared_cache_locks(func, *args)
     except DatabaseError:
         # A failed query may leave this long-lived thread's connection
         # unusable (the database restarted, say): the next read reconnects.
         connections.close_all()
         raise
+
+
+def _retrying_shared_cache_locks(func: Callable[..., T], *args: Any) -> T:
+    """Run a read, again while SQLite's shared cache says a table is locked.
+
+    An in-memory database with a shared cache (Django's SQLite test
+    database) answers a read that meets another connection's write with
+    "table is locked" at once, where a file database waits for its busy
+    timeout: retry for up to ``STORAGE_TIMEOUT`` (no lock is held here)."""
+    deadline = time.monotonic() + conf.STORAGE_TIMEOUT
+    pause = 0.002
+    while True:
+        try:
+            return func(*args)
+        except OperationalError as exc:
+            if "table is locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def _allocate(db: str, item: Append, event_type: str, *, sequenced: bool) -> int:

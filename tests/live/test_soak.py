@@ -92,7 +92,15 @@ async def soak(asgi_server_factory: AsgiServerFactory, login: Login, seconds: fl
                 await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
         if in_flight:
             await asyncio.wait(in_flight)
+        # A lone request's push copy is stored after its response was sent:
+        # the counters are final once they stop moving.
         final = sqlite_counters(worker, audiences)
+        while True:
+            await asyncio.sleep(0.5)
+            again = sqlite_counters(worker, audiences)
+            if again == final:
+                break
+            final = again
         await wait_all(consumers, caught_up(final), timeout=120)
         report.rss_kib.append((time.monotonic() - began, rss_kib(worker.pid)))
     finally:
