@@ -307,11 +307,8 @@ def _plain_views(
     after = _NOBODY if new is None else frozenset(audiences_of(Side(new)))
     views: list[_PlainView] = [(event, True, True, {OLD: before, NEW: after, BOTH: before | after})]
     if event == "update" and before != after:
-        entered, left = after - before, before - after
-        views += [
-            ("create", False, True, {NEW: entered, BOTH: entered}),
-            ("delete", True, False, {OLD: left, BOTH: left}),
-        ]
+        entered, left = _moved_audiences(before, after)
+        views += [("create", False, True, entered), ("delete", True, False, left)]
     return views
 
 
@@ -321,13 +318,18 @@ def _moves(
     before: frozenset[str],
     after: frozenset[str],
 ) -> list[_View]:
-    # To an audience the row entered, the change is a create; to one it
-    # left, a delete: their lists gained or lost it.
+    entered, left = _moved_audiences(before, after)
+    return [("create", None, new, entered), ("delete", old, None, left)]
+
+
+def _moved_audiences(
+    before: frozenset[str], after: frozenset[str]
+) -> tuple[dict[int, frozenset[str]], dict[int, frozenset[str]]]:
+    """Who is told of a row that moved: to an audience the row entered, the
+    change is a create; to one it left, a delete (their lists gained or
+    lost it)."""
     entered, left = after - before, before - after
-    return [
-        ("create", None, new, {NEW: entered, BOTH: entered}),
-        ("delete", old, None, {OLD: left, BOTH: left}),
-    ]
+    return {NEW: entered, BOTH: entered}, {OLD: left, BOTH: left}
 
 
 @dataclass(frozen=True)

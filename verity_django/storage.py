@@ -131,16 +131,16 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
 
         db = router.db_for_write(EventRow)
         connection = connections[db]
+        events: list[Event | Exception]
         if connection.vendor == "sqlite" and _in_autocommit(connection):
-            stored = _append_on_sqlite(connection, event_type, appends)
-            self._maybe_trim(db)
-            return stored
-        events: list[Event | Exception] = []
-        with _bounded(connection):
-            for item in appends:
-                seq = _allocate(db, item, event_type, sequenced=True)
-                data = f"{item.head}{seq}{item.tail}"
-                events.append(Event(item.channel, event_type, data, id=seq))
+            events = _append_on_sqlite(connection, event_type, appends)
+        else:
+            events = []
+            with _bounded(connection):
+                for item in appends:
+                    seq = _allocate(db, item, event_type, sequenced=True)
+                    data = f"{item.head}{seq}{item.tail}"
+                    events.append(Event(item.channel, event_type, data, id=seq))
         self._maybe_trim(db)
         return events
 
