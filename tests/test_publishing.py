@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from django.test import override_settings
@@ -211,37 +211,54 @@ def _batch(audience: str, name: str) -> Batch:
     return batch
 
 
-class BlockingStorage:
-    """Appends wait until released, as on a transport that stopped answering."""
+class _MemoryStorage:
+    """Stores in memory, one seq for every channel; ``release`` lets appends
+    that wait for it go on."""
+
+    publishes_to_listeners = True
 
     def __init__(self) -> None:
+        self.seq = 0
         self.entered = threading.Event()
         self.release = threading.Event()
-        self.stored: list[str] = []
-        self.seq = 0
 
-    def append_many(self, event_type: str, appends: Sequence[Append]) -> list[Any]:
-        self.entered.set()
-        self.release.wait(10)
+    def _stored(self, event_type: str, appends: Sequence[Append]) -> list[Any]:
         out = []
         for item in appends:
             self.seq += 1
-            self.stored.append(item.channel)
             out.append(
                 Event(item.channel, event_type, f"{item.head}{self.seq}{item.tail}", self.seq)
             )
         return out
 
-    publishes_to_listeners = True
+
+StorageT = TypeVar("StorageT", bound=_MemoryStorage)
 
 
-@pytest.fixture
-def blocking(monkeypatch: Any) -> Iterator[BlockingStorage]:
-    storage = BlockingStorage()
+def _publishing_into(monkeypatch: Any, storage: StorageT) -> Iterator[StorageT]:
     monkeypatch.setattr(publishing, "configured", lambda: storage)
     yield storage
     storage.release.set()
     assert publishing.flush(timeout=5)
+
+
+class BlockingStorage(_MemoryStorage):
+    """Appends wait until released, as on a transport that stopped answering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: list[str] = []
+
+    def append_many(self, event_type: str, appends: Sequence[Append]) -> list[Any]:
+        self.entered.set()
+        self.release.wait(10)
+        self.stored += [item.channel for item in appends]
+        return self._stored(event_type, appends)
+
+
+@pytest.fixture
+def blocking(monkeypatch: Any) -> Iterator[BlockingStorage]:
+    yield from _publishing_into(monkeypatch, BlockingStorage())
 
 
 def test_a_second_request_never_queues_behind_a_stuck_publish(blocking: BlockingStorage) -> None:
@@ -308,31 +325,23 @@ def test_reset_waits_for_a_run_already_in_storage(blocking: BlockingStorage) -> 
     assert blocking.stored == ["verity.global"]
 
 
-class RecordingStorage:
-    """Stores in memory and records which thread stored each run. The
-    publisher thread's appends wait for ``released``, as they wait for a
-    round trip, while its caller goes on publishing."""
+class RecordingStorage(_MemoryStorage):
+    """Records which thread stored each run. The publisher thread's appends
+    wait for ``release``, as they wait for a round trip, while its caller
+    goes on publishing."""
 
-    publishes_to_listeners = True
     shares_the_database = False
 
     def __init__(self) -> None:
+        super().__init__()
         self.runs: list[tuple[str, list[str]]] = []
-        self.seq = 0
-        self.entered = threading.Event()
-        self.released = threading.Event()
 
     def append_many(self, event_type: str, appends: Sequence[Append]) -> list[Any]:
         thread = threading.current_thread().name
         if thread == "verity-publisher":
             self.entered.set()
-            self.released.wait(5)
-        out = []
-        for item in appends:
-            self.seq += 1
-            out.append(
-                Event(item.channel, event_type, f"{item.head}{self.seq}{item.tail}", self.seq)
-            )
+            self.release.wait(5)
+        out = self._stored(event_type, appends)
         self.runs.append((thread, [json.loads(e.data)["directives"][0]["name"] for e in out]))
         return out
 
@@ -342,11 +351,7 @@ class RecordingStorage:
 
 @pytest.fixture
 def recording(monkeypatch: Any) -> Iterator[RecordingStorage]:
-    storage = RecordingStorage()
-    monkeypatch.setattr(publishing, "configured", lambda: storage)
-    yield storage
-    storage.released.set()
-    assert publishing.flush(timeout=5)
+    yield from _publishing_into(monkeypatch, RecordingStorage())
 
 
 _BURST = [f"n{i}" for i in range(20)]
@@ -374,7 +379,7 @@ def test_a_lone_publish_is_stored_by_its_caller_and_a_burst_by_the_publisher(
     # Else this thread's flush() could store what the publisher has not yet
     # taken.
     assert recording.entered.wait(5)
-    recording.released.set()
+    recording.release.set()
     assert publishing.flush(timeout=5)
     assert [x for _, names in recording.runs for x in names] == ["alone", *_BURST]
     # The burst's first publish comes alone (and, should this thread be held
