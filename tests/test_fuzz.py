@@ -873,7 +873,7 @@ def test_pull_copies_carry_only_what_the_requester_may_read(
     run_pull_case(case, three_users)
 
 
-def _every_result(entry: Any, readable: Any) -> Any:
+def _every_result(entry: Any, readable: Any, answers: Any) -> Any:
     """A filter that drops foreign directives but keeps every ``result``."""
     if readable is not None and not any(readable(a) for a in entry.audiences):
         return None

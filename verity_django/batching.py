@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -66,6 +66,9 @@ class Batch:
     _collapsed: dict[str, _Entry] = field(default_factory=dict)
     # Item names already known to be crowded (``Routed.crowds``).
     _crowded: set[str] = field(default_factory=set)
+    # _final_entries() until the next add(): the pull and the push copy read
+    # the same batch one after the other.
+    _final: list[_Entry] | None = None
 
     def __post_init__(self) -> None:
         # Checked once here, so that stamping it on every directive need not.
@@ -73,6 +76,7 @@ class Batch:
             d.validate_source(self.source)
 
     def add(self, routed: Iterable[Routed]) -> None:
+        self._final = None
         for item in routed:
             if item.crowds is not None:
                 self._crowded.add(item.crowds)
@@ -112,6 +116,8 @@ class Batch:
         return bool(self._entries)
 
     def _final_entries(self) -> list[_Entry]:
+        if self._final is not None:
+            return self._final
         entries = list(self._entries.values())
         threshold = conf.COLLAPSE_THRESHOLD
         items: dict[str, int] = {}
@@ -129,8 +135,10 @@ class Batch:
         # Metadata is stamped only on what survives collapsing, once per
         # distinct directive: stamping fills only what is missing, so every
         # later reading of the batch keeps the same keys.
+        now = d.now_ms()
         for e in entries:
-            e.directive = _stamp(e.directive, self.source)
+            e.directive = _stamp(e.directive, self.source, now)
+        self._final = entries
         return entries
 
     def _collapse(
@@ -179,7 +187,8 @@ class Batch:
         ``result`` only when the requester may read one of the object's
         current audiences. Without it, all of them (``capture_directives``).
         """
-        seen = [_readable_copy(e, readable) for e in self._final_entries()]
+        answers: dict[str, bool] = {}
+        seen = [_readable_copy(e, readable, answers) for e in self._final_entries()]
         shown = [x for x in seen if x is not None]
         # Only what the requester sees may subsume: a whole collection of
         # someone else's must not hide the params version of their own.
@@ -228,19 +237,37 @@ def _is_params_variant(x: d.Directive) -> bool:
     return x.op == "refresh_collection" and bool(x.params) and x.result is None
 
 
-def _readable_copy(entry: _Entry, readable: Callable[[str], bool] | None) -> d.Directive | None:
+def _readable_copy(
+    entry: _Entry, readable: Callable[[str], bool] | None, answers: dict[str, bool]
+) -> d.Directive | None:
     """The entry's directive as a requester who may read what ``readable``
-    allows sees it: None when it is of no audience of theirs."""
+    allows sees it: None when it is of no audience of theirs. ``answers``
+    keeps what ``readable`` said, for the batch's other entries."""
     if readable is None:
         return entry.directive
-    if not any(readable(a) for a in sorted(entry.audiences)):
+    if not _reads_any(readable, answers, entry.audiences):
         return None
     directive = entry.directive
     if directive.result is None or entry.result_audiences is None:
         return directive
-    if any(readable(a) for a in sorted(entry.result_audiences)):
+    if _reads_any(readable, answers, entry.result_audiences):
         return directive
     return directive.with_metadata(result=None)
+
+
+def _reads_any(
+    readable: Callable[[str], bool], answers: dict[str, bool], audiences: Collection[str]
+) -> bool:
+    # In a fixed order, so that the hook is asked the same questions on every
+    # run; a loop, not any() over a generator: this runs for every directive
+    # of every response (bench W1).
+    for audience in sorted(audiences) if len(audiences) > 1 else audiences:
+        answer = answers.get(audience)
+        if answer is None:
+            answer = answers[audience] = readable(audience)
+        if answer:
+            return True
+    return False
 
 
 def _is_whole_collection(x: d.Directive) -> bool:
@@ -411,12 +438,12 @@ def _open_part(connection: Any, batch: Batch) -> _Part:
     return part
 
 
-def _stamp(directive: d.Directive, source: str | None) -> d.Directive:
+def _stamp(directive: d.Directive, source: str | None, now: int) -> d.Directive:
     changes: dict[str, Any] = {}
     if directive.idempotency_key is None:
         changes["idempotency_key"] = d.new_idempotency_key()
     if directive.timestamp is None:
-        changes["timestamp"] = d.now_ms()
+        changes["timestamp"] = now
     if source is not None and directive.source is None and directive.op != "force_reload_page":
         changes["source"] = source
     return directive.with_trusted_metadata(**changes) if changes else directive

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
 
 from verity_django import directives as d
 
@@ -48,22 +47,13 @@ def parts(audience: str, items: Sequence[d.Directive], origin: str | None) -> tu
     if origin is not None and not _TAG.fullmatch(origin):
         raise ValueError(f"an origin is {TAG_LENGTH} lowercase hex digits, got {origin!r}")
     try:
-        body = d.dumps([_pushed(x.to_dict()) for x in items])
+        body = d.dumps([x.to_dict(source=False) for x in items])
     except (ValueError, TypeError) as exc:
         raise Unencodable(f"audience {audience!r}: {exc}") from exc
     tail = ',"audience":' + d.dumps(audience) + ',"directives":' + body
     if origin is not None:
         tail += _ORIGIN + origin + '"'
     return HEAD, tail + "}"
-
-
-def _pushed(item: dict[str, Any]) -> dict[str, Any]:
-    item.pop("source", None)
-    targets = item.get("targets")
-    if targets:
-        for target in targets:
-            _pushed(target)
-    return item
 
 
 def origin_of(data: str) -> str | None:

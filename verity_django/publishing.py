@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.core.signals import setting_changed
 from django.db import connections
 from django_eventstream.event import Event
 
@@ -191,11 +192,12 @@ def deliver(batch: Batch, *, background: bool = False) -> None:
     counters.batches_delivered += 1
     directives_committed.send(sender=type(batch), batch=batch)
     if conf.PUSH:
+        origin = batch.origin
         _publisher.submit(
             [
                 pending
                 for audience, items in batch.by_audience().items()
-                if (pending := _encode(audience, items, batch.origin)) is not None
+                if (pending := _encode(audience, items, origin)) is not None
             ],
             background=background,
         )
@@ -254,7 +256,25 @@ def _encode(
 
 
 def grip_configured() -> bool:
-    return bool(getattr(settings, "GRIP_URL", None) or getattr(settings, "GRIP_PROXIES", None))
+    """Whether publishes go to a GRIP proxy too. Read on every publish and
+    cached until a setting changes: a setting the project lacks costs
+    ``LazySettings`` an AttributeError on every read (bench W1)."""
+    if not _grip:
+        _grip.append(
+            bool(getattr(settings, "GRIP_URL", None) or getattr(settings, "GRIP_PROXIES", None))
+        )
+    return _grip[0]
+
+
+_grip: list[bool] = []
+
+
+def _forget_grip(*, setting: str, **kwargs: Any) -> None:
+    if setting in ("GRIP_URL", "GRIP_PROXIES"):
+        _grip.clear()
+
+
+setting_changed.connect(_forget_grip, dispatch_uid="verity_django.publishing.setting_changed")
 
 
 def _shares_the_database() -> bool:
