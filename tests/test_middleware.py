@@ -128,3 +128,55 @@ def test_with_another_request_in_flight_the_push_copy_goes_out_as_the_view_retur
     finally:
         release.set()
         other.join(5)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_another_request_in_flight_a_drf_response_publishes_as_the_view_returns(
+    alice: Any,
+) -> None:
+    """The push copy goes out in ``process_template_response`` (the thread
+    Django runs it in anyway), with the pull copy's keys; a change made after
+    that still goes out, as a batch of its own."""
+    from rest_framework.renderers import JSONRenderer
+    from rest_framework.response import Response
+
+    inside, release = threading.Event(), threading.Event()
+
+    def waiting(request: HttpRequest) -> HttpResponseBase:
+        inside.set()
+        release.wait(5)
+        return JsonResponse({"ok": True})
+
+    seen_before_render: list[list[int]] = []
+
+    def handler_inside(request: HttpRequest) -> HttpResponseBase:
+        # What Django's handler does between the view and the middleware.
+        Project.objects.create(name="p", owner=alice)
+        response = Response({"ok": True})
+        response.accepted_renderer = JSONRenderer()
+        response.accepted_media_type = "application/json"
+        response.renderer_context = {}
+        response = middleware.process_template_response(request, response)
+        seen_before_render.append(stored_seqs("global"))
+        response.render()
+        Project.objects.create(name="later", owner=alice)
+        return response
+
+    other = threading.Thread(target=DirectiveMiddleware(waiting), args=(_request(),))
+    other.start()
+    try:
+        assert inside.wait(5)
+        middleware = DirectiveMiddleware(handler_inside)
+        request = _request()
+        request.META["HTTP_X_VERITY_DIRECTIVE_REQUEST"] = "send me directives"
+        response = middleware(request)
+    finally:
+        release.set()
+        other.join(5)
+    response.close()
+    assert seen_before_render == [[1]]
+    assert stored_seqs("global") == [1, 2]
+    first, later = (json.loads(e.data) for e in configured().get_events("verity.global", 0))
+    pulled = {x["idempotency_key"] for x in json.loads(response.content)["directives"]}
+    assert pulled == {x["idempotency_key"] for x in first["directives"]}
+    assert pulled.isdisjoint(x["idempotency_key"] for x in later["directives"])

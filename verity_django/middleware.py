@@ -51,6 +51,11 @@ class _InFlight:
             self.count -= 1
             return self.count == 0
 
+    def others(self) -> bool:
+        """Whether other requests than the caller's are in flight."""
+        with self.lock:
+            return self.count > 1
+
 
 _in_flight = _InFlight()
 
@@ -114,6 +119,13 @@ class DirectiveMiddleware:
         if not conf.ENABLED:
             return response
         self._inject_drf(request, response)
+        opened: batching.Batch | None = getattr(request, "verity_batch", None)
+        if opened is not None and opened and _in_flight.others():
+            # The view has returned: publish now, in the thread Django runs
+            # this hook in anyway, rather than in a hop of its own to a
+            # thread after the response (ASGI; bench W5: 150 Python calls
+            # per request). What changes later goes out as a batch of its own.
+            opened.close()
         return response
 
     @staticmethod
