@@ -16,8 +16,10 @@ Async tests use anyio's pytest plugin: ``@pytest.mark.anyio`` (asyncio only).
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import closing
 from pathlib import Path
 from typing import Protocol
 
@@ -193,18 +195,50 @@ def prepare_database(env: Mapping[str, str]) -> None:
     run_manage("seed_demo", env=db_env, check=True)
 
 
+class _PreparedSqlite:
+    """One SQLite file migrated and seeded once per session, copied for each new one.
+
+    ``migrate`` and ``seed_demo`` are two Django start-ups (about 5 s here) and
+    give every fresh file the same schema and rows: a copy of the first is that
+    database. Neither reads anything but the database variables, and seeding
+    publishes nothing (it runs under ``disabled()``), so no other variable of a
+    server can make its database differ.
+    """
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp_path_factory = tmp_path_factory
+        self._template: Path | None = None
+
+    def create(self, path: Path) -> None:
+        if self._template is None:
+            template = self._tmp_path_factory.mktemp("sqlite-template") / "db.sqlite3"
+            prepare_database({"VERITY_SQLITE_PATH": str(template)})
+            self._template = template
+        # The backup API copies a consistent database whatever its journal holds.
+        with closing(sqlite3.connect(self._template)) as source:
+            with closing(sqlite3.connect(path)) as target:
+                source.backup(target)
+
+
+@pytest.fixture(scope="session")
+def _prepared_sqlite(tmp_path_factory: pytest.TempPathFactory) -> _PreparedSqlite:
+    return _PreparedSqlite(tmp_path_factory)
+
+
 @pytest.fixture
 def asgi_server_factory(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     _prepared_databases: set[str],
+    _prepared_sqlite: _PreparedSqlite,
 ) -> Iterator[AsgiServerFactory]:
     """``start(env=None, sqlite_path=None, *, port=None, prepare=True) -> AsgiServer``.
 
     Without ``VERITY_DATABASE_URL`` in ``env`` the server uses SQLite: a fresh
     file per call, or ``sqlite_path`` (pass the same path to share one database
     between servers). Unless ``prepare=False``, each database is migrated and
-    seeded (demo users alice and bob) the first time it is used.
+    seeded (demo users alice and bob) the first time it is used: a new SQLite
+    file is a copy of one prepared once per session.
     The database env the server got is in ``server.env``.
     """
     started: list[ManagedProcess] = []
@@ -217,6 +251,7 @@ def asgi_server_factory(
         prepare: bool = True,
     ) -> AsgiServer:
         server_env = dict(env or {})
+        new_sqlite_file: Path | None = None
         if "VERITY_DATABASE_URL" in server_env:
             database_key = server_env["VERITY_DATABASE_URL"]
         else:
@@ -224,8 +259,13 @@ def asgi_server_factory(
                 sqlite_path = tmp_path_factory.mktemp("sqlite") / "db.sqlite3"
             server_env["VERITY_SQLITE_PATH"] = str(sqlite_path)
             database_key = str(Path(sqlite_path).resolve())
+            if not Path(sqlite_path).exists():
+                new_sqlite_file = Path(sqlite_path)
         if prepare and database_key not in _prepared_databases:
-            prepare_database(server_env)
+            if new_sqlite_file is not None:
+                _prepared_sqlite.create(new_sqlite_file)
+            else:
+                prepare_database(server_env)
             _prepared_databases.add(database_key)
         server = AsgiServer(env=server_env, port=port)
         started.append(server)
