@@ -19,6 +19,15 @@ DEMO_TODO_RESULT = os.environ.get("VERITY_DEMO_RESULT", "0") == "1"
 
 ROOT_URLCONF = "bench.urls"
 
+# python -m bench.calls: count this server's Python calls (see bench/calls.py).
+if os.environ.get("BENCH_COUNT_CALLS_DIR"):
+    from bench.calls import install
+
+    install(
+        os.environ["BENCH_COUNT_CALLS_DIR"],
+        by_function=os.environ.get("BENCH_COUNT_CALLS_DIR_BY_FUNCTION") == "1",
+    )
+
 # Request logging of every 4xx would flood a server log during fan-out runs;
 # errors still reach stderr.
 LOGGING = {
