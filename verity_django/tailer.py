@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 _PAGE = 100
 # How long an envelope stored here may wait for its own offer (see
-# Tailer._overdue).
+# Tailer._note_ahead).
 _OFFER_GRACE = 0.1
 T = TypeVar("T")
 
