@@ -422,3 +422,68 @@ def test_a_burst_into_the_callers_database_stays_inline(
     monkeypatch.setattr(recording, "shares_the_database", True, raising=False)
     _publish_back_to_back(_BURST)
     assert recording.stored_by(threading.current_thread().name) == _BURST
+
+
+class SlowStorage(_MemoryStorage):
+    """Each append takes a moment, so that concurrent publishers overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: list[str] = []
+        self.lock = threading.Lock()
+
+    def append_many(self, event_type: str, appends: Sequence[Append]) -> list[Any]:
+        time.sleep(0.002)
+        with self.lock:
+            out = self._stored(event_type, appends)
+            self.stored += [json.loads(e.data)["directives"][0]["name"] for e in out]
+        return out
+
+
+@pytest.mark.parametrize("threads", [2, 8])
+def test_concurrent_publishers_leave_nothing_behind_without_a_flush(
+    monkeypatch: Any, threads: int
+) -> None:
+    """Whoever lets go of publishing looks at the backlog: an envelope that
+    met another publisher is published without anyone calling flush()."""
+    storage = SlowStorage()
+    monkeypatch.setattr(publishing, "configured", lambda: storage)
+    names = [[f"t{t}-{i}" for i in range(15)] for t in range(threads)]
+
+    def requests(mine: list[str]) -> None:
+        for name in mine:
+            publishing.deliver(_batch(f"user-{name.split('-')[0]}", name))
+
+    workers = [threading.Thread(target=requests, args=(mine,)) for mine in names]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    assert _drained()
+    assert sorted(storage.stored) == sorted(n for mine in names for n in mine)
+    # Each thread's envelopes went out in the order it published them.
+    for mine in names:
+        assert [n for n in storage.stored if n in mine] == mine
+
+
+def _drained(timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while counters.depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return counters.depth == 0
+
+
+def test_an_envelope_that_met_another_publisher_goes_out_once_it_lets_go(
+    blocking: BlockingStorage,
+) -> None:
+    first = threading.Thread(target=publishing.deliver, args=(_batch("global", "a"),))
+    first.start()
+    assert blocking.entered.wait(5)
+    # Returns at once, leaving its envelope to whoever publishes.
+    publishing.deliver(_batch("global", "b"))
+    blocking.release.set()
+    first.join(5)
+    # Nobody calls flush(): the first publisher looked at the backlog when it
+    # let go.
+    assert _drained()
+    assert blocking.stored == ["verity.global", "verity.global"]

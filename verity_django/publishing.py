@@ -30,9 +30,10 @@ Who publishes:
 - **grouped**, the process's ``verity-publisher`` thread: with a storage
   apart from the caller's database (Redis), a publish that comes less than
   ``_BURST_GAP`` after the previous one returned (a loop in a script, a
-  management command, a Celery task); a concurrent request's (it never
-  waits for whoever is publishing); and everything while the breaker is
-  open. The thread stores what has accumulated in runs of up to
+  management command, a Celery task); what a concurrent request leaves
+  (it never waits for whoever is publishing, who looks at the backlog as it
+  lets go and wakes this thread for what its own run did not store); and
+  everything while the breaker is open. The thread stores what has accumulated in runs of up to
   ``_GROUP``, each in one storage transaction or one Redis script call.
 
 When a step fails, the *breaker* opens: until a retry succeeds,
@@ -111,7 +112,7 @@ class _Pending:
     skip: int = 0
     # Every attempt to store the envelope presents the same token, so that a
     # retry after an answer that never came cannot store it twice.
-    token: str = field(default_factory=lambda: os.urandom(16).hex())
+    token: str = field(default_factory=d.new_idempotency_key)
     store_attempts: int = 0
     event: Event | None = None
     offered: bool = False
@@ -353,10 +354,16 @@ class _Publisher:
         in_test = any(c.in_atomic_block for c in connections.all(initialized_only=True))
         grouped = in_burst and not _shares_the_database()
         inline = in_test or (self.healthy and (wait or (conf.PUBLISH_INLINE and not grouped)))
-        if inline and self.publishing.acquire(blocking=False):
-            self._publish_then_release(until=pending[-1])
-        if not in_test:
+        if not inline:
             self._hand_rest_to_thread()
+        elif self.publishing.acquire(blocking=False):
+            self._publish_then_release(until=pending[-1])
+            if not in_test:
+                self._hand_rest_to_thread()
+        # Else whoever publishes looks at the backlog once it lets go (here
+        # above, the publisher thread's loop, flush()), so this needs no
+        # wake-up of the thread: under concurrent requests (bench W5) most
+        # such wake-ups found the backlog already drained.
         self.last_returned = time.monotonic()
 
     def _drop_oldest(self, count: int) -> None:
@@ -454,9 +461,12 @@ class _Publisher:
         steps: _Steps | None = None
         while True:
             with self.lock:
-                if not self.queue or (until is not None and until.done.is_set()):
+                if not self.queue:
                     return announced
                 head = self.queue[0]
+                own_done = until is not None and until.done.is_set()
+                if own_done and not _hands_on_for_free(steps, head):
+                    return announced
                 run: list[_Pending] = []
                 if head.event is None:
                     for item in self.queue:
@@ -511,12 +521,18 @@ class _Publisher:
             self._failed(run[0], "store", exc)
             return None
         now = time.monotonic()
+        # Every stored envelope keeps its event, even after one that failed:
+        # a retry must not store it again.
+        failed: tuple[_Pending, Exception] | None = None
         for item, result in zip(run, results, strict=True):
             if isinstance(result, Exception):
-                self._failed(item, "store", result)
-                return None
+                failed = failed or (item, result)
+                continue
             item.event = result
             self.lags.append(now - item.committed)
+        if failed is not None:
+            self._failed(failed[0], "store", failed[1])
+            return None
         return steps
 
     def _hand_on(self, steps: _Steps, item: _Pending) -> bool:
@@ -570,6 +586,14 @@ class _Publisher:
             self.backoff,
         )
         return False
+
+
+def _hands_on_for_free(steps: _Steps | None, head: _Pending) -> bool:
+    """Whether a publisher whose own envelope is out goes on with ``head``:
+    when it is already stored (in the same run as its own) and handing it on
+    is only an offer to this process's listeners, which costs less than
+    waking the publisher thread for it."""
+    return steps is not None and head.event is not None and not head.offered and not steps.grip
 
 
 def _announce(published: Published) -> None:
