@@ -55,8 +55,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Deselecting here, not with -m, leaves -m to whoever runs the suite.
     if connection.vendor == "postgresql":
         kept = [item for item in items if item.get_closest_marker("postgresql")]
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-        items[:] = kept
+    else:
+        kept = [item for item in items if not item.get_closest_marker("postgresql_only")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
 
 
 def _models(request: pytest.FixtureRequest) -> Any:

@@ -18,7 +18,11 @@ from django_eventstream.models import EventCounter
 from verity_django import storage as storage_module
 from verity_django.storage import Append, DatabaseStorage
 
-pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.postgresql,
+    pytest.mark.postgresql_only,
+    pytest.mark.django_db(transaction=True),
+]
 
 
 @pytest.fixture
