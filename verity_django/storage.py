@@ -296,9 +296,7 @@ def _allocate(db: str, item: Append, event_type: str, *, sequenced: bool) -> int
 
     step = 1 + item.skip
     if sequenced and connections[db].vendor == "postgresql":
-        found = _append_in_one_statement(
-            db, EventCounter, EventRow, item.channel, event_type, item.head, item.tail, step
-        )
+        found = _append_in_one_statement(db, item, event_type)
         if found is not None:
             return found
     seq = _increment(db, EventCounter, item.channel, step)
@@ -332,11 +330,13 @@ def _bounded(connection: Any) -> Iterator[None]:
     with transaction.atomic(using=connection.alias):
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
-                cursor.execute(
-                    f"SET LOCAL lock_timeout = {milliseconds}; "
-                    f"SET LOCAL statement_timeout = {milliseconds}"
-                )
+                cursor.execute(_postgresql_timeouts(milliseconds))
         yield
+
+
+def _postgresql_timeouts(milliseconds: int) -> str:
+    """The lock and statement timeouts for the rest of the transaction."""
+    return f"SET LOCAL lock_timeout = {milliseconds}; SET LOCAL statement_timeout = {milliseconds}"
 
 
 def _in_autocommit(connection: Any) -> bool:
@@ -435,25 +435,13 @@ def _append_on_postgresql(
     which creates the row.
     """
     import psycopg
-    from django_eventstream.models import Event as EventRow
-    from django_eventstream.models import EventCounter
 
-    quote = connection.ops.quote_name
-    counter = quote(EventCounter._meta.db_table)
-    into, created = _event_insert_target(connection, EventRow)
-    eid = quote(EventRow._meta.get_field("eid").column)
-    milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
-    one = (
-        f"WITH c AS (UPDATE {counter} SET value = value + %s WHERE name = %s RETURNING value) "
-        f"INSERT INTO {into} SELECT %s, %s, %s || c.value::text || %s, c.value, %s FROM c "
-        f"RETURNING {eid}"
-    )
-    sql = [f"SET LOCAL lock_timeout = {milliseconds}; SET LOCAL statement_timeout = {milliseconds}"]
+    one, created = _postgresql_append(connection)
+    sql = [_postgresql_timeouts(int(conf.STORAGE_TIMEOUT * 1000))]
     params: list[Any] = []
     for item in appends:
         sql.append(one)
-        params += [1 + item.skip, item.channel, item.channel, event_type, item.head, item.tail]
-        params.append(created)
+        params += _postgresql_append_params(item, event_type, created)
     seqs: list[int | None] = []
     with connection.wrap_database_errors, psycopg.ClientCursor(connection.connection) as cursor:
         cursor.execute("; ".join(sql), params)
@@ -516,34 +504,40 @@ def _increment(db: str, counter_model: Any, channel: str, step: int) -> int | No
     return None if row is None else int(row[0])
 
 
-def _append_in_one_statement(
-    db: str,
-    counter_model: Any,
-    event_model: Any,
-    channel: str,
-    event_type: str,
-    head: str,
-    tail: str,
-    step: int,
-) -> int | None:
+def _append_in_one_statement(db: str, item: Append, event_type: str) -> int | None:
     """Allocate the seq and store the event in one PostgreSQL statement (one
     round trip instead of two); the counter's row lock still orders the ids
     by commit. None when the channel has no counter row yet."""
     connection = connections[db]
+    sql, created = _postgresql_append(connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, _postgresql_append_params(item, event_type, created))
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
+def _postgresql_append(connection: Any) -> tuple[str, Any]:
+    """One PostgreSQL statement that adds a step to a channel's counter and
+    stores the event under the new value, returning it (no row when the
+    channel has no counter yet); and ``created`` for its parameters."""
+    from django_eventstream.models import Event as EventRow
+    from django_eventstream.models import EventCounter
+
     quote = connection.ops.quote_name
-    into, created = _event_insert_target(connection, event_model)
-    counter = quote(counter_model._meta.db_table)
+    into, created = _event_insert_target(connection, EventRow)
+    counter = quote(EventCounter._meta.db_table)
     sql = (
         f"WITH c AS (UPDATE {counter} SET value = value + %s WHERE name = %s RETURNING value) "
         f"INSERT INTO {into} "
         "SELECT %s, %s, %s || c.value::text || %s, c.value, %s FROM c "
-        f"RETURNING {quote(event_model._meta.get_field('eid').column)}"
+        f"RETURNING {quote(EventRow._meta.get_field('eid').column)}"
     )
-    params = [step, channel, channel, event_type, head, tail, created]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    return None if row is None else int(row[0])
+    return sql, created
+
+
+def _postgresql_append_params(item: Append, event_type: str, created: Any) -> list[Any]:
+    """The parameters of :func:`_postgresql_append`'s statement for ``item``."""
+    return [1 + item.skip, item.channel, item.channel, event_type, item.head, item.tail, created]
 
 
 def _insert_event(
