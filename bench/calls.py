@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -88,20 +87,6 @@ def _counts(directory: str, pid: int, timeout: float = 10.0) -> dict[str, Any]:
     return found
 
 
-def _load(pairs: list[tuple[Any, int]], requests: int) -> None:
-    """Each client PATCHes its own todo ``requests`` times, all at once."""
-    from bench import http_bench
-
-    def one(pair: tuple[Any, int]) -> None:
-        client, todo = pair
-        for i in range(requests):
-            status = "active" if i % 2 == 0 else "done"
-            http_bench._checked(client.patch(f"/api/todos/{todo}/", json={"status": status}))
-
-    with ThreadPoolExecutor(_CLIENTS) as pool:
-        list(pool.map(one, pairs))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.calls", description=__doc__)
     parser.add_argument("--postgres", action="store_true")
@@ -114,7 +99,6 @@ def main() -> int:
         if args.by_function:
             os.environ[ENV + "_BY_FUNCTION"] = "1"
         from bench import http_bench
-        from bench.harness import login
 
         n = _CLIENTS * args.requests
         per_request: dict[str, float] = {}
@@ -123,13 +107,10 @@ def main() -> int:
             redis=False, todos=_CLIENTS, listener=True, postgres=args.postgres
         ) as sides:
             for side in sides:
-                ids = http_bench._todo_ids(side.client)[:_CLIENTS]
-                extra = [login(side.server.base_url) for _ in range(_CLIENTS - 1)]
-                pairs = list(zip([side.client, *extra], ids, strict=True))
-
-                _load(pairs, args.requests)  # warm-up
+                pairs = http_bench.concurrent_clients(side, _CLIENTS)
+                http_bench.patch_concurrently(pairs, args.requests)  # warm-up
                 before = _counts(directory, side.server.pid)
-                _load(pairs, args.requests)
+                http_bench.patch_concurrently(pairs, args.requests)
                 if side.name == "verity":
                     # The push copies of the last requests reach the listener.
                     delivered = http_bench.wait_until(
@@ -140,7 +121,7 @@ def main() -> int:
                 after = _counts(directory, side.server.pid)
                 per_request[side.name] = (after["total"] - before["total"]) / n
                 details[side.name] = collections.Counter(after["detail"])
-                for client in extra:
+                for client, _ in pairs[1:]:
                     client.close()
 
     base, verity = per_request["baseline"], per_request["verity"]

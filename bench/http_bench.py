@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -350,28 +351,13 @@ def run_handwritten(sizes: Sizes) -> Result:
 def run_concurrent(*, postgres: bool, clients: int, requests: int, repetitions: int) -> Result:
     """``clients`` logged-in clients PATCH their own todos at once, ``requests``
     each, alternating sides per repetition; throughput = requests / wall time."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with two_servers(redis=False, todos=clients, listener=True, postgres=postgres) as sides:
         rates: dict[str, list[float]] = {side.name: [] for side in sides}
-        pools: dict[str, list[tuple[httpx.Client, int]]] = {}
-        for side in sides:
-            ids = _todo_ids(side.client)[:clients]
-            extra = [login(side.server.base_url) for _ in range(clients - 1)]
-            for client in extra:
-                client.headers["X-Verity-Directive-Request"] = "send me directives"
-            pools[side.name] = list(zip([side.client, *extra], ids, strict=True))
+        pools = {side.name: concurrent_clients(side, clients) for side in sides}
 
         def run(side: Side) -> float:
-            def one(pair: tuple[httpx.Client, int]) -> None:
-                client, todo = pair
-                for i in range(requests):
-                    status = "active" if i % 2 == 0 else "done"
-                    _checked(client.patch(f"/api/todos/{todo}/", json={"status": status}))
-
             began = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(one, pools[side.name]))
+            patch_concurrently(pools[side.name], requests)
             side.requests += clients * requests
             return clients * requests / (time.perf_counter() - began)
 
@@ -414,6 +400,27 @@ def run_concurrent(*, postgres: bool, clients: int, requests: int, repetitions: 
             notes=notes,
             details={"rates": rates, "paired_ratios": paired, "counters": stats},
         )
+
+
+def concurrent_clients(side: Side, clients: int) -> list[tuple[httpx.Client, int]]:
+    """W5's clients: the side's own and ``clients - 1`` more, all logged in
+    as alice, each paired with a todo of its own. Close all but the first."""
+    ids = _todo_ids(side.client)[:clients]
+    extra = [login(side.server.base_url) for _ in range(clients - 1)]
+    return list(zip([side.client, *extra], ids, strict=True))
+
+
+def patch_concurrently(pairs: list[tuple[httpx.Client, int]], requests: int) -> None:
+    """W5's load: each client PATCHes its own todo ``requests`` times, all at once."""
+
+    def one(pair: tuple[httpx.Client, int]) -> None:
+        client, todo = pair
+        for i in range(requests):
+            status = "active" if i % 2 == 0 else "done"
+            _checked(client.patch(f"/api/todos/{todo}/", json={"status": status}))
+
+    with ThreadPoolExecutor(len(pairs)) as pool:
+        list(pool.map(one, pairs))
 
 
 def _todo_ids(client: httpx.Client) -> list[int]:

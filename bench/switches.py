@@ -24,14 +24,10 @@ import signal
 import statistics
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from bench import http_bench
-from bench.harness import login
 
 _CLIENTS = 8
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -86,28 +82,13 @@ def main() -> int:
     with http_bench.two_servers(
         redis=False, todos=_CLIENTS, listener=True, postgres=args.postgres
     ) as sides:
-        pools: dict[str, list[tuple[httpx.Client, int]]] = {}
-        for side in sides:
-            ids = http_bench._todo_ids(side.client)[:_CLIENTS]
-            extra = [login(side.server.base_url) for _ in range(_CLIENTS - 1)]
-            for client in extra:
-                client.headers["X-Verity-Directive-Request"] = "send me directives"
-            pools[side.name] = list(zip([side.client, *extra], ids, strict=True))
+        pools = {side.name: http_bench.concurrent_clients(side, _CLIENTS) for side in sides}
 
         def run(side: http_bench.Side) -> Run:
-            def one(pair: tuple[httpx.Client, int]) -> None:
-                client, todo = pair
-                for i in range(args.requests):
-                    status = "active" if i % 2 == 0 else "done"
-                    http_bench._checked(
-                        client.patch(f"/api/todos/{todo}/", json={"status": status})
-                    )
-
             counter = _counting_switches(side.server.pid)
             cpu = _cpu_seconds(side.server.pid)
             began = time.perf_counter()
-            with ThreadPoolExecutor(_CLIENTS) as pool:
-                list(pool.map(one, pools[side.name]))
+            http_bench.patch_concurrently(pools[side.name], args.requests)
             wall = time.perf_counter() - began
             cpu = _cpu_seconds(side.server.pid) - cpu
             switches = _switches(counter)
