@@ -44,6 +44,10 @@ def install(directory: str, *, by_function: bool) -> None:
     ``directory/<pid>.json`` and starts the per-function counts afresh."""
     total = [0]
     detail: collections.Counter[str] = collections.Counter()
+    # Walking the stack from the hook while Django imports its apps breaks
+    # the imports (Python 3.11: AppConfig.create gets no class), so the
+    # per-function counts begin with the first SIGUSR1, before the load.
+    detailing = [False]
 
     def where(frame: FrameType) -> str:
         found: FrameType | None = frame
@@ -59,7 +63,7 @@ def install(directory: str, *, by_function: bool) -> None:
     def count(frame: FrameType, event: str, arg: Any) -> None:
         if event == "call" or event == "c_call":
             total[0] += 1
-            if by_function:
+            if detailing[0]:
                 detail[where(frame)] += 1
 
     def dump(signum: int, frame: FrameType | None) -> None:
@@ -68,6 +72,7 @@ def install(directory: str, *, by_function: bool) -> None:
         temporary.write_text(json.dumps({"total": total[0], "detail": dict(detail)}))
         temporary.replace(path)
         detail.clear()
+        detailing[0] = by_function
 
     sys.setprofile(count)
     threading.setprofile(count)
@@ -92,6 +97,7 @@ def main() -> int:
     parser.add_argument("--postgres", action="store_true")
     parser.add_argument("--requests", type=int, default=40, help="per client (8 clients)")
     parser.add_argument("--by-function", action="store_true")
+    parser.add_argument("--rows", type=int, default=40, help="functions listed by --by-function")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as directory:
@@ -134,7 +140,7 @@ def main() -> int:
     if args.by_function:
         b, v = details["baseline"], details["verity"]
         rows = sorted(set(b) | set(v), key=lambda k: b[k] - v[k])
-        for key in rows[:40]:
+        for key in rows[: args.rows]:
             print(f"  {(v[key] - b[key]) / n:8.1f}  {key}")
     return 0
 

@@ -8,6 +8,7 @@ The environment selects engines exactly as for ``testproject.settings``
 from __future__ import annotations
 
 import os
+import sys
 
 from testproject.settings import *  # noqa: F403
 from testproject.settings import VERITY
@@ -20,7 +21,9 @@ DEMO_TODO_RESULT = os.environ.get("VERITY_DEMO_RESULT", "0") == "1"
 ROOT_URLCONF = "bench.urls"
 
 # python -m bench.calls: count this server's Python calls (see bench/calls.py).
-if os.environ.get("BENCH_COUNT_CALLS_DIR"):
+# Only servers count: the migrate and seed commands it runs first inherit the
+# variable.
+if os.environ.get("BENCH_COUNT_CALLS_DIR") and "uvicorn" in sys.modules:
     from bench.calls import install
 
     install(

@@ -1183,7 +1183,7 @@ def test_the_oracle_catches_a_rolled_back_save_remembered(
 
     remember = tracking.remember
     monkeypatch.setattr(
-        tracking, "remember", lambda instance, values, using=None: remember(instance, values)
+        tracking, "remember", lambda instance, values, connection=None: remember(instance, values)
     )
     with pytest.raises(AssertionError, match=r"missed \(audience|leaked \(told"):
         test_a_held_instance_saved_after_a_rollback_is_told_by_the_rows_state(card_with_label)

@@ -353,11 +353,10 @@ def collect(routed: list[Routed], *, using: str | None = None) -> None:
     _part_for(connection).items.extend(routed)
 
 
-def collect_plain(rules: ModelRules, change: PlainChange, *, using: str | None = None) -> None:
-    """Add a change of rules that route by values alone: it is routed when
-    it commits, together with the others of its savepoint level (one
-    ``route_plain`` for a loop of saves, bench W4)."""
-    connection = connections[using or DEFAULT_DB_ALIAS]
+def collect_plain(rules: ModelRules, change: PlainChange, connection: Any) -> None:
+    """Add a change of rules that route by values alone, made through
+    ``connection``: it is routed when it commits, together with the others
+    of its savepoint level (one ``route_plain`` for a loop of saves, bench W4)."""
     if not internals.commit_is_ahead(connection):
         _add_committed(_current.get(), rules.route_plain([change], connection.alias))
         return

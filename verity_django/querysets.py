@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from django.db import models, transaction
+from django.db import connections, models, transaction
 from django.db.models.expressions import Col, Combinable
 from django.db.models.lookups import Exact
 from django.db.models.sql.where import AND
@@ -65,8 +65,9 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
                     for obj, new in zip(created, values, strict=True)
                 ]
                 routed.extend(rules.route(changes, self.db))
+            connection = connections[self.db]
             for obj, new in zip(created, values, strict=True):
-                tracking.remember(obj, new, self.db)
+                tracking.remember(obj, new, connection)
             batching.collect(routed, using=self.db)
         return created
 
@@ -101,8 +102,9 @@ class DirectiveQuerySet(models.QuerySet[ModelT]):
             moved = list(zip(olds, written, strict=True))
             for dependents in of.dependents:
                 routed.extend(dependents.route(moved, self.db))
+            connection = connections[self.db]
             for obj, new in zip(objs, written, strict=True):
-                tracking.remember(obj, new, self.db)
+                tracking.remember(obj, new, connection)
             batching.collect(routed, using=self.db)
         return count
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from django.db import DEFAULT_DB_ALIAS, models
+from django.db import DEFAULT_DB_ALIAS, connections, models
 from django.db.models.signals import m2m_changed, post_delete, post_init, post_save, pre_delete
 
 from verity_django import batching, tracking
@@ -102,8 +102,9 @@ def _on_post_save(
     # the values the database still holds.
     new = tracking.written(instance, of.tracked, None if created else update_fields)
     db = using or DEFAULT_DB_ALIAS
+    connection = connections[db]
     if raw or batching.is_disabled():
-        tracking.remember(instance, new, db)
+        tracking.remember(instance, new, connection)
         return
     event = "create" if created else "update"
     old = None if created else tracking.previous(instance)
@@ -122,9 +123,9 @@ def _on_post_save(
             routed.extend(dependents.route([(old, new)], db))
     # Remembered first: the snapshot's commit marker then precedes the
     # batch's callbacks, which look for theirs among the newest entries.
-    tracking.remember(instance, new, db)
+    tracking.remember(instance, new, connection)
     for rules in plain:
-        batching.collect_plain(rules, (event, old, new), using=db)
+        batching.collect_plain(rules, (event, old, new), connection)
     if routed:
         batching.collect(routed, using=db)
 
@@ -163,7 +164,7 @@ def _on_post_delete(
     routed: list[Routed] = []
     for rules in of.rules:
         if rules.routes_by_values:
-            batching.collect_plain(rules, ("delete", old, None), using=db)
+            batching.collect_plain(rules, ("delete", old, None), connections[db])
         else:
             routed.extend(rules.route([rules.change("delete", old, None, instance)], db))
     batching.collect(routed, using=db)

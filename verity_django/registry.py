@@ -12,7 +12,7 @@ model whose directives silently vanished would be worse than no start.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar, overload
@@ -167,7 +167,20 @@ class ModelRules:
         views_of: dict[Any, list[_PlainView]] = {}
         merged: dict[tuple[Any, ...], tuple[d.Directive, set[str], tuple[str, ...]]] = {}
         applicable = self._applicable_rules
+        decisive = self._decisive_key(crowded)
+        decided_states: set[Any] = set()
         for event, old, new in changes:
+            try:
+                decided = (
+                    event,
+                    _ABSENT if old is None else decisive(old),
+                    _ABSENT if new is None else decisive(new),
+                )
+                if decided in decided_states:
+                    continue
+                decided_states.add(decided)
+            except (KeyError, TypeError):
+                pass
             try:
                 state = (
                     event,
@@ -226,6 +239,17 @@ class ModelRules:
                 for name in bound.collapse_names
             ]
         return routed
+
+    def _decisive_key(self, crowded: Container[int]) -> Callable[[Mapping[str, Any]], Any]:
+        """The key of the values that decide what a change adds in
+        :meth:`route_plain`: those its audiences and its uncrowded rules
+        read. A change equal in them to an earlier one adds only audiences
+        already added."""
+        names = {*self.audience.tracked}
+        for index, bound in enumerate(self.rules):
+            if index not in crowded:
+                names.update(bound.tracked)
+        return _key_of(tuple(sorted(names)))
 
     @cached_property
     def _applicable_rules(

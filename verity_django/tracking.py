@@ -56,8 +56,7 @@ class _Level:
 
 
 def snapshot(instance: Any, attnames: Iterable[str]) -> None:
-    values = instance.__dict__
-    values[_SNAPSHOT] = {name: values.get(name, MISSING) for name in attnames}
+    instance.__dict__[_SNAPSHOT] = current(instance, attnames)
 
 
 def previous(instance: Any) -> Mapping[str, Any] | None:
@@ -88,7 +87,11 @@ def _settle(values: dict[str, Any]) -> None:
 
 def current(instance: Any, attnames: Iterable[str]) -> dict[str, Any]:
     values = instance.__dict__
-    return {name: values.get(name, MISSING) for name in attnames}
+    try:
+        # Subscripts, not get(): this runs on every load and save (bench W4).
+        return {name: values[name] for name in attnames}
+    except KeyError:
+        return {name: values.get(name, MISSING) for name in attnames}
 
 
 def written(instance: Any, attnames: Iterable[str], fields: Iterable[str] | None) -> dict[str, Any]:
@@ -103,18 +106,16 @@ def written(instance: Any, attnames: Iterable[str], fields: Iterable[str] | None
     return {name: value if name in saved else old.get(name, MISSING) for name, value in now.items()}
 
 
-def remember(instance: Any, values: Mapping[str, Any], using: str | None = None) -> None:
+def remember(instance: Any, values: Mapping[str, Any], connection: Any = None) -> None:
     """Take ``values`` as what the database holds after a write through
-    ``using``, pending the atomic block the write is in."""
+    ``connection``, pending the atomic block the write is in."""
     own = instance.__dict__
-    if using is not None:
-        connection = connections[using]
-        if connection.in_atomic_block:
-            level = _open_level(connection)
-            pending = own.get(_PENDING)
-            # A rollback of a level undoes all its writes: one entry will do.
-            if pending is None or pending[0] is not level:
-                own[_PENDING] = (level, own.get(_SNAPSHOT), pending)
+    if connection is not None and connection.in_atomic_block:
+        level = _open_level(connection)
+        pending = own.get(_PENDING)
+        # A rollback of a level undoes all its writes: one entry will do.
+        if pending is None or pending[0] is not level:
+            own[_PENDING] = (level, own.get(_SNAPSHOT), pending)
     own[_SNAPSHOT] = dict(values)
 
 
@@ -144,7 +145,8 @@ def refreshed(instance: Any, fields: Iterable[str] | None) -> None:
         else {instance._meta.get_field(name).attname for name in fields} & old.keys()
     )
     fresh = {**old, **{name: values.get(name, MISSING) for name in names}}
-    remember(instance, fresh, instance._state.db)
+    db = instance._state.db
+    remember(instance, fresh, None if db is None else connections[db])
 
 
 def as_loaded(instance: Any) -> Any:
