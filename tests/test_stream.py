@@ -354,6 +354,34 @@ async def test_a_polled_envelope_is_read_back_only_if_its_own_offer_does_not_fol
     assert tailer.positions["verity.a"] == 3
 
 
+async def test_offers_from_many_threads_all_reach_the_tailer_once_and_in_order() -> None:
+    """Offers from other threads share one loop callback per burst; none may
+    be left behind when a thread offers while the loop takes the others."""
+    from django_eventstream.event import Event
+
+    from verity_django import tailer as tailers
+
+    tailer = tailers.Tailer(asyncio.get_running_loop())
+    per_thread = 2000
+    channels = [f"verity.t{i}" for i in range(4)]
+
+    def offer_all(channel: str) -> None:
+        for seq in range(1, per_thread + 1):
+            tailer.offer_threadsafe(channel, Event(channel, "message", "{}", id=seq))
+
+    threads = [threading.Thread(target=offer_all, args=(c,)) for c in channels]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    for channel in channels:
+        seqs = [int(event.id) for c, event in tailer._offers if c == channel]
+        assert seqs == list(range(1, per_thread + 1))
+    assert not tailer._incoming
+
+
 async def test_the_tailer_asks_storage_every_poll_interval_however_many_offers_arrive(
     monkeypatch: Any,
 ) -> None:

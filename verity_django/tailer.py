@@ -29,6 +29,7 @@ With ``EVENTSTREAM_REDIS`` set, a Redis subscription delivers instead
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -54,6 +55,11 @@ class Tailer:
         self.loop = loop
         self.positions: dict[str, int] = {}
         self._offers: list[tuple[str, Event]] = []
+        # Offers from other threads, moved to _offers by one loop callback
+        # per burst (each call_soon_threadsafe writes to the loop's wake-up
+        # socket: bench W5's concurrent requests offer while one is pending).
+        self._incoming: collections.deque[tuple[str, Event]] = collections.deque()
+        self._take_scheduled = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.TimerHandle | None = None
@@ -96,7 +102,20 @@ class Tailer:
         self.start()
 
     def offer_threadsafe(self, channel: str, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self._offer, channel, event)
+        # Appended before the flag is read, and the flag cleared before the
+        # take drains: an offer either finds a take still to drain it or
+        # schedules one.
+        self._incoming.append((channel, event))
+        if not self._take_scheduled:
+            self._take_scheduled = True
+            self.loop.call_soon_threadsafe(self._take_incoming)
+
+    def _take_incoming(self) -> None:
+        self._take_scheduled = False
+        incoming = self._incoming
+        while incoming:
+            self._offers.append(incoming.popleft())
+        self._wake.set()
 
     def _offer(self, channel: str, event: Event) -> None:
         self._offers.append((channel, event))
