@@ -60,7 +60,14 @@ class BenchAsgiServer(AsgiServer):
 
     def __init__(self, env: Mapping[str, str] | None = None, port: int | None = None) -> None:
         # Access logs would cost both sides alike, but fill the log during fan-out.
-        super().__init__(env=env, port=port, extra_args=["--no-access-log", "--backlog", "4096"])
+        # A benchmark's clients idle while the other side runs: past uvicorn's
+        # default 5 s keep-alive the server closes their connections, and a
+        # request sent as it does so is reset (a W5 full run crashed so).
+        super().__init__(
+            env=env,
+            port=port,
+            extra_args=["--no-access-log", "--backlog", "4096", "--timeout-keep-alive", "300"],
+        )
 
     def _process_env(self) -> dict[str, str]:
         return bench_env(self.env)

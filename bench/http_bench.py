@@ -242,6 +242,22 @@ def _stats(client: httpx.Client, channel: str) -> dict[str, Any]:
     return data
 
 
+def _settled_stats(client: httpx.Client, channel: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The stats once the last request's push copy has gone out: a request
+    publishes as the server closes its response, which the client may
+    outrun with its next request."""
+    deadline = time.monotonic() + timeout
+    last = _stats(client, channel)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = _stats(client, channel)
+        counters = now["counters"]
+        if counters["depth"] == 0 and counters["published"] == last["counters"]["published"]:
+            return now
+        last = now
+    return last
+
+
 def run_save_many(sizes: Sizes, rows: int = 200) -> Result:
     with two_servers(redis=False, todos=rows, listener=sizes.listener) as (baseline, verity):
         channel = f"verity.user-{verity.user_id}"
@@ -250,13 +266,13 @@ def run_save_many(sizes: Sizes, rows: int = 200) -> Result:
             raise ServerError(f"save-many saved {sample['saved']} rows, not {rows}")
         pulled = [(x["op"], x["name"], x.get("params")) for x in sample["directives"]]
         verity.requests += 1
-        before = _stats(verity.client, channel)
+        before = _settled_stats(verity.client, channel)
 
         def save_many(client: httpx.Client, i: int) -> httpx.Response:
             return client.post("/bench/save-many/", json={"count": rows})
 
         measure(baseline, verity, save_many, sizes)
-        after = _stats(verity.client, channel)
+        after = _settled_stats(verity.client, channel)
         requests = verity.requests - 1
         published = after["counters"]["published"] - before["counters"]["published"]
         stored = after["seq"][channel] - before["seq"][channel]
