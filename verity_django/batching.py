@@ -357,6 +357,17 @@ def collect_plain(rules: ModelRules, change: PlainChange, connection: Any) -> No
     """Add a change of rules that route by values alone, made through
     ``connection``: it is routed when it commits, together with the others
     of its savepoint level (one ``route_plain`` for a loop of saves, bench W4)."""
+    part: _Part | None = getattr(connection, _PART_ATTR, None)
+    if (
+        part is not None
+        and part.batch is _current.get()
+        and internals.savepoints_are(connection, part.savepoints)
+        and internals.still_registered(connection, part, part.seen_in)
+    ):
+        # The part of the open batch at this savepoint level: the commit it
+        # waits for is still ahead (the next save of a loop, bench W4).
+        part.add_plain(rules, change, connection.alias)
+        return
     if not internals.commit_is_ahead(connection):
         _add_committed(_current.get(), rules.route_plain([change], connection.alias))
         return
@@ -391,21 +402,25 @@ class _Part:
     level can share one callback: they commit or roll back together.
     """
 
-    __slots__ = ("batch", "items", "savepoints")
+    __slots__ = ("batch", "items", "last_plain", "savepoints", "seen_in")
 
-    def __init__(self, batch: Batch, savepoints: tuple[str, ...]) -> None:
+    def __init__(self, batch: Batch, savepoints: list[str]) -> None:
         self.batch = batch
         self.savepoints = savepoints
+        self.seen_in: list[Any] = []
+        self.last_plain: _Plain | None = None
         # In the order the changes were made, which is the batch's order.
         self.items: list[Routed | _Plain] = []
 
     def add_plain(self, rules: ModelRules, change: PlainChange, using: str) -> None:
         items = self.items
-        last = items[-1] if items else None
-        if isinstance(last, _Plain) and last.rules is rules and last.using == using:
+        last = self.last_plain
+        # An identity test, not isinstance(): this runs on every save (bench W4).
+        if items and items[-1] is last and last.rules is rules and last.using == using:
             last.changes.append(change)
         else:
-            items.append(_Plain(rules, using, change))
+            self.last_plain = _Plain(rules, using, change)
+            items.append(self.last_plain)
 
     def __call__(self) -> None:
         routed: list[Routed] = []
@@ -421,19 +436,19 @@ _PART_ATTR = "_verity_open_part"
 
 
 def _open_part(connection: Any, batch: Batch) -> _Part:
-    savepoints = internals.open_savepoints(connection)
     part: _Part | None = getattr(connection, _PART_ATTR, None)
     if (
         part is not None
         and part.batch is batch
-        and part.savepoints == savepoints
+        and internals.savepoints_are(connection, part.savepoints)
         # Still registered: a rollback of its savepoint or transaction drops it.
-        and internals.is_registered(connection, part, among_last=2)
+        and internals.still_registered(connection, part, part.seen_in)
     ):
         return part
-    part = _Part(batch, savepoints)
+    part = _Part(batch, internals.open_savepoints(connection))
     setattr(connection, _PART_ATTR, part)
     connection.on_commit(part)
+    part.seen_in = internals.commit_callbacks(connection)
     return part
 
 

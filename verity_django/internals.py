@@ -7,7 +7,7 @@ last; and knowing whether a change made inside a ``TestCase`` will ever
 commit. Snapshots (``tracking``) need to know, when an instance is saved
 again, whether its last save's savepoint rolled back: they register a
 public ``on_commit`` marker per savepoint level and ask
-:func:`is_registered` whether Django dropped it. These read attributes Django
+:func:`still_registered` whether Django dropped it. These read attributes Django
 does not document:
 
 - ``BaseDatabaseWrapper.run_on_commit``: a list of
@@ -44,24 +44,21 @@ class UnsupportedDjango(RuntimeError):
     pass
 
 
-def open_savepoints(connection: Any) -> tuple[str, ...]:
-    return tuple(connection.savepoint_ids)
+def open_savepoints(connection: Any) -> list[str]:
+    """A copy of the open savepoints' ids, for :func:`savepoints_are`."""
+    return list(connection.savepoint_ids)
 
 
-def is_registered(connection: Any, func: Callable[[], Any], *, among_last: int = 0) -> bool:
-    """Whether ``func`` still waits for the commit (a rollback drops it).
+def savepoints_are(connection: Any, savepoints: list[str]) -> bool:
+    """Whether ``savepoints`` (from :func:`open_savepoints`) are the open ones."""
+    open_ids: list[str] = connection.savepoint_ids
+    # A list compared with a list: no copy, on every save (bench W4).
+    return open_ids == savepoints
 
-    ``among_last`` limits the search to the newest entries: the hot path
-    only ever looks for the callback it registered most recently.
-    """
-    entries = connection.run_on_commit
-    if among_last:
-        entries = entries[-among_last:]
-    # A loop, not any() over a generator: this runs on every save (bench W4).
-    for entry in entries:  # noqa: SIM110
-        if entry[1] is func:
-            return True
-    return False
+
+def is_registered(connection: Any, func: Callable[[], Any]) -> bool:
+    """Whether ``func`` still waits for the commit (a rollback drops it)."""
+    return any(entry[1] is func for entry in connection.run_on_commit)
 
 
 def still_registered(connection: Any, func: Callable[[], Any], seen_in: list[Any]) -> bool:

@@ -98,8 +98,10 @@ def written(instance: Any, attnames: Iterable[str], fields: Iterable[str] | None
     """The values the database holds after writing ``fields`` of ``instance``
     (all of them when None); the others keep their loaded values."""
     now = current(instance, attnames)
+    if fields is None:
+        return now
     old = previous(instance)
-    if fields is None or old is None:
+    if old is None:
         return now
     meta = instance._meta
     saved = {meta.get_field(name).attname for name in fields}
@@ -108,15 +110,20 @@ def written(instance: Any, attnames: Iterable[str], fields: Iterable[str] | None
 
 def remember(instance: Any, values: Mapping[str, Any], connection: Any = None) -> None:
     """Take ``values`` as what the database holds after a write through
-    ``connection``, pending the atomic block the write is in."""
+    ``connection``, pending the atomic block the write is in.
+
+    ``values`` is kept, not copied: callers hand over a dict of their own,
+    which nothing changes afterwards (it is also the change's ``new``)."""
     own = instance.__dict__
     if connection is not None and connection.in_atomic_block:
         level = _open_level(connection)
-        pending = own.get(_PENDING)
+        # Membership tests, not get(): this runs on every save (bench W4).
+        pending = own[_PENDING] if _PENDING in own else None  # noqa: SIM401
         # A rollback of a level undoes all its writes: one entry will do.
         if pending is None or pending[0] is not level:
-            own[_PENDING] = (level, own.get(_SNAPSHOT), pending)
-    own[_SNAPSHOT] = dict(values)
+            before = own[_SNAPSHOT] if _SNAPSHOT in own else None  # noqa: SIM401
+            own[_PENDING] = (level, before, pending)
+    own[_SNAPSHOT] = values
 
 
 def _open_level(connection: Any) -> _Level:
@@ -124,7 +131,7 @@ def _open_level(connection: Any) -> _Level:
     if (
         level is not None
         and not level.committed
-        and level.savepoints == internals.open_savepoints(connection)
+        and internals.savepoints_are(connection, level.savepoints)
         and level.stands()
     ):
         return level
