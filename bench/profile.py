@@ -1,6 +1,7 @@
 """Profile what verity_django adds to a benchmark's request, in one process.
 
     .venv/bin/python -m bench.profile w1|w2|w3|w4 [--iterations N] [--postgres] [--html out.html]
+    .venv/bin/python -m bench.profile w1|w2|w3|w4 --calls   # calls per function, on minus off
 
 Runs the benchmark's operation through Django's test client (W1, W2, W4) or
 the ORM (W3) on a fresh SQLite file, first timing it with verity disabled and
@@ -19,7 +20,9 @@ import argparse
 import contextlib
 import os
 import statistics
+import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -108,12 +111,65 @@ def _operation(benchmark: str) -> Callable[[int], None]:
     return save_many if benchmark == "w4" else patch
 
 
+def _calls(run: Callable[[int], None], iterations: int, *, enabled: bool) -> Counter[str]:
+    """Python and C calls made by ``iterations`` operations, each under the
+    innermost verity_django function on its stack (else ``(elsewhere)``)."""
+    from django.test.utils import override_settings
+
+    counts: Counter[str] = Counter()
+
+    def where(frame: Any) -> str:
+        found = frame
+        while found is not None:
+            path = found.f_code.co_filename
+            if "verity_django/" in path:
+                return path.rsplit("verity_django/", 1)[1] + ":" + found.f_code.co_name
+            found = found.f_back
+        return "(elsewhere)"
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" or event == "c_call":
+            counts[where(frame)] += 1
+
+    toggle = contextlib.nullcontext() if enabled else override_settings(VERITY={"ENABLED": False})
+    with toggle:
+        sys.setprofile(count)
+        try:
+            for i in range(iterations):
+                run(i)
+        finally:
+            sys.setprofile(None)
+    return counts
+
+
+def _print_calls(run: Callable[[int], None], iterations: int, per: int) -> None:
+    """Calls per ``per``-th of an operation (a save of W4's 200), verity on
+    minus off; the receivers are connected on both sides, as in the benchmarks."""
+    off = _calls(run, iterations, enabled=False)
+    on = _calls(run, iterations, enabled=True)
+    scale = iterations * per
+    print(
+        f"Python calls per {'operation' if per == 1 else f'1/{per} operation'}: "
+        f"off {sum(off.values()) / scale:,.1f}, on {sum(on.values()) / scale:,.1f}"
+    )
+    rows = sorted(set(on) | set(off), key=lambda key: off[key] - on[key])
+    for key in rows:
+        extra = (on[key] - off[key]) / scale
+        if abs(extra) >= 0.1:
+            print(f"  {extra:8.2f}  {key}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("benchmark", choices=["w1", "w2", "w3", "w4"])
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--html", default="")
     parser.add_argument("--postgres", action="store_true", help="a PostgreSQL database")
+    parser.add_argument(
+        "--calls",
+        action="store_true",
+        help="count calls per function instead of timing (per save for w4)",
+    )
     args = parser.parse_args()
     with _environment(args.benchmark, postgres=args.postgres):
         import django
@@ -123,6 +179,11 @@ def main() -> None:
         from pyinstrument import Profiler
 
         run = _operation(args.benchmark)
+        if args.calls:
+            run(0)
+            run(1)
+            _print_calls(run, min(args.iterations, 10), 200 if args.benchmark == "w4" else 1)
+            return
         off = override_settings(VERITY={"ENABLED": False})
         times: dict[str, list[float]] = {"disabled": [], "enabled": []}
         for i in range(args.iterations // 10 + 2):
