@@ -10,8 +10,6 @@ audience moves and crowding past ``COLLAPSE_THRESHOLD``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -103,24 +101,31 @@ def test_routing_at_once_tells_what_routing_one_by_one_tells(
     _routing_agrees(changes)
 
 
-@contextmanager
-def _crowded_by_counting_changes() -> Iterator[None]:
+def _crowding_by_changes(self: Any, changes: Any, threshold: int) -> bool:
     """A broken crowding test: it counts changes, not rows, so that one row
     saved again and again collapses into its collection."""
-    original = rules.BoundItem.crowds
-
-    def broken(self: Any, changes: Any, threshold: int) -> bool:
-        return bool(self.rule.is_self and self.collapse_to) and len(changes) > threshold
-
-    rules.BoundItem.crowds = broken  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        rules.BoundItem.crowds = original  # type: ignore[method-assign]
+    return bool(self.rule.is_self and self.collapse_to) and len(changes) > threshold
 
 
+def _deciding_by_rule_values_alone(self: Any, crowded: Any) -> Any:
+    """A broken shortcut: a change whose rules read the same values as an
+    earlier one's is skipped even though its audiences differ."""
+    names = sorted({n for i, b in enumerate(self.rules) if i not in crowded for n in b.tracked})
+    return registry._key_of(tuple(names))
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "broken"),
+    [
+        (rules.BoundItem, "crowds", _crowding_by_changes),
+        (registry.ModelRules, "_decisive_key", _deciding_by_rule_values_alone),
+    ],
+    ids=["items_collapsed_too_early", "changes_skipped_for_other_audiences"],
+)
 @override_settings(VERITY={"COLLAPSE_THRESHOLD": THRESHOLD})
-def test_the_oracle_catches_items_collapsed_too_early() -> None:
+def test_the_oracle_catches_a_broken_shortcut(
+    owner: Any, name: str, broken: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The same search as the property's; finding a difference is enough, so
     # it is not shrunk.
     @settings(max_examples=400, deadline=None, database=None, phases=[Phase.generate])
@@ -128,35 +133,8 @@ def test_the_oracle_catches_items_collapsed_too_early() -> None:
     def search(changes: list[rules.PlainChange]) -> None:
         _routing_agrees(changes)
 
-    with _crowded_by_counting_changes(), pytest.raises(AssertionError):
-        search()
-
-
-@contextmanager
-def _changes_told_by_rule_values_alone() -> Iterator[None]:
-    """A broken shortcut: a change whose rules read the same values as an
-    earlier one's is skipped even though its audiences differ."""
-    original = registry.ModelRules._decisive_key
-
-    def broken(self: Any, crowded: Any) -> Any:
-        names = sorted({n for i, b in enumerate(self.rules) if i not in crowded for n in b.tracked})
-        return registry._key_of(tuple(names))
-
-    registry.ModelRules._decisive_key = broken  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        registry.ModelRules._decisive_key = original  # type: ignore[method-assign]
-
-
-@override_settings(VERITY={"COLLAPSE_THRESHOLD": THRESHOLD})
-def test_the_oracle_catches_changes_skipped_for_other_audiences() -> None:
-    @settings(max_examples=400, deadline=None, database=None, phases=[Phase.generate])
-    @given(changes=plain_changes())
-    def search(changes: list[rules.PlainChange]) -> None:
-        _routing_agrees(changes)
-
-    with _changes_told_by_rule_values_alone(), pytest.raises(AssertionError):
+    monkeypatch.setattr(owner, name, broken)
+    with pytest.raises(AssertionError):
         search()
 
 
