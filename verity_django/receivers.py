@@ -121,8 +121,9 @@ def _on_post_save(
             routed.extend(through_parent(child, rules, [(instance.pk, old)], db))
         for dependents in of.dependents:
             routed.extend(dependents.route([(old, new)], db))
-    # Remembered first: the snapshot's commit marker then precedes the
-    # batch's callbacks, which look for theirs among the newest entries.
+    # Remembered first: on commit the snapshot's marker then runs before the
+    # batch's callbacks, so a snapshot read from one of those counts as
+    # committed.
     tracking.remember(instance, new, connection)
     for rules in plain:
         batching.collect_plain(rules, (event, old, new), connection)
