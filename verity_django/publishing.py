@@ -288,6 +288,14 @@ def _forget_grip(*, setting: str, **kwargs: Any) -> None:
 setting_changed.connect(_forget_grip, dispatch_uid="verity_django.publishing.setting_changed")
 
 
+def _in_test_transaction() -> bool:
+    """Whether this thread delivers inside an open transaction, which only a
+    TestCase does: that transaction holds what the envelope is stored next
+    to, and only its own connection can write there, so it publishes inline,
+    failing or not, and never hands the rest to the publisher thread."""
+    return any(c.in_atomic_block for c in connections.all(initialized_only=True))
+
+
 def _shares_the_database() -> bool:
     """Whether the storage writes to the database the caller writes to: the
     publisher thread's transactions would then contend with the caller's for
@@ -358,17 +366,16 @@ class _Publisher:
         if background:
             self._hand_rest_to_thread()
             return
-        # Only a TestCase delivers inside an open transaction, which holds
-        # what the envelope is stored next to: only its own connection can
-        # write there, so it publishes inline, failing or not.
-        in_test = any(c.in_atomic_block for c in connections.all(initialized_only=True))
         grouped = in_burst and not _shares_the_database()
-        inline = in_test or (self.healthy and (wait or (conf.PUBLISH_INLINE and not grouped)))
+        inline = self.healthy and (wait or (conf.PUBLISH_INLINE and not grouped))
+        # Asked only when it decides something: it looks at every connection.
+        if not inline:
+            inline = _in_test_transaction()
         if not inline:
             self._hand_rest_to_thread()
         elif self.publishing.acquire(blocking=False):
             self._publish_then_release(until=pending[-1])
-            if not in_test:
+            if self.queue and not _in_test_transaction():
                 self._hand_rest_to_thread()
         # Else whoever publishes looks at the backlog once it lets go (here
         # above, the publisher thread's loop, flush()), so this needs no
