@@ -358,12 +358,7 @@ def collect_plain(rules: ModelRules, change: PlainChange, connection: Any) -> No
     ``connection``: it is routed when it commits, together with the others
     of its savepoint level (one ``route_plain`` for a loop of saves, bench W4)."""
     part: _Part | None = getattr(connection, _PART_ATTR, None)
-    if (
-        part is not None
-        and part.batch is _current.get()
-        and internals.savepoints_are(connection, part.savepoints)
-        and internals.still_registered(connection, part, part.seen_in)
-    ):
+    if part is not None and part.still_open(connection, _current.get()):
         # The part of the open batch at this savepoint level: the commit it
         # waits for is still ahead (the next save of a loop, bench W4).
         part.add_plain(rules, change, connection.alias)
@@ -412,6 +407,16 @@ class _Part:
         # In the order the changes were made, which is the batch's order.
         self.items: list[Routed | _Plain] = []
 
+    def still_open(self, connection: Any, batch: Batch | None) -> bool:
+        """Whether changes made now through ``connection`` for ``batch`` join
+        this part: the same batch and savepoint level, and still registered
+        (a rollback of its savepoint or transaction drops it)."""
+        return (
+            self.batch is batch
+            and internals.savepoints_are(connection, self.savepoints)
+            and internals.still_registered(connection, self, self.seen_in)
+        )
+
     def add_plain(self, rules: ModelRules, change: PlainChange, using: str) -> None:
         items = self.items
         last = self.last_plain
@@ -437,13 +442,7 @@ _PART_ATTR = "_verity_open_part"
 
 def _open_part(connection: Any, batch: Batch) -> _Part:
     part: _Part | None = getattr(connection, _PART_ATTR, None)
-    if (
-        part is not None
-        and part.batch is batch
-        and internals.savepoints_are(connection, part.savepoints)
-        # Still registered: a rollback of its savepoint or transaction drops it.
-        and internals.still_registered(connection, part, part.seen_in)
-    ):
+    if part is not None and part.still_open(connection, batch):
         return part
     part = _Part(batch, internals.open_savepoints(connection))
     setattr(connection, _PART_ATTR, part)

@@ -523,16 +523,23 @@ def _postgresql_append(connection: Any) -> tuple[str, Any]:
     from django_eventstream.models import Event as EventRow
     from django_eventstream.models import EventCounter
 
-    quote = connection.ops.quote_name
     into, created = _event_insert_target(connection, EventRow)
-    counter = quote(EventCounter._meta.db_table)
-    sql = (
-        f"WITH c AS (UPDATE {counter} SET value = value + %s WHERE name = %s RETURNING value) "
-        f"INSERT INTO {into} "
-        "SELECT %s, %s, %s || c.value::text || %s, c.value, %s FROM c "
-        f"RETURNING {quote(EventRow._meta.get_field('eid').column)}"
-    )
+    # Built once, as the insert's column list is: it is the same for every
+    # append (one per envelope of a run).
+    sql = _postgresql_appends.get(into)
+    if sql is None:
+        quote = connection.ops.quote_name
+        counter = quote(EventCounter._meta.db_table)
+        sql = _postgresql_appends[into] = (
+            f"WITH c AS (UPDATE {counter} SET value = value + %s WHERE name = %s "
+            f"RETURNING value) INSERT INTO {into} "
+            "SELECT %s, %s, %s || c.value::text || %s, c.value, %s FROM c "
+            f"RETURNING {quote(EventRow._meta.get_field('eid').column)}"
+        )
     return sql, created
+
+
+_postgresql_appends: dict[str, str] = {}
 
 
 def _postgresql_append_params(item: Append, event_type: str, created: Any) -> list[Any]:
