@@ -1,18 +1,23 @@
-"""Appends on SQLite outside any transaction go straight to the DB-API
+"""Appends on SQLite outside any transaction go straight to a DB-API
 connection (``storage._append_on_sqlite``): the same rows, ids and
-all-or-nothing commit as Django's path."""
+all-or-nothing commit as Django's path. To a database file, that connection
+is the storage's own, kept between runs, its wait for the write lock bounded
+by ``STORAGE_TIMEOUT``; to the in-memory test database, the caller's."""
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
 from django.db import IntegrityError, connection
+from django.test import override_settings
 from django.utils import timezone
 from django_eventstream.models import Event as EventRow
 from django_eventstream.models import EventCounter
 
+from verity_django import storage as storage_module
 from verity_django.storage import Append, DatabaseStorage
 
 
@@ -76,3 +81,128 @@ def test_appends_inside_a_transaction_take_djangos_path(db: Any, storage: Databa
     [event] = storage.append_many("message", [Append("verity.global", '{"seq":', "}")])
     assert not isinstance(event, Exception) and event.id == 1
     assert connection.in_atomic_block
+
+
+@pytest.fixture
+def file_database(tmp_path: Any, django_db_blocker: Any) -> Any:
+    """A Django connection to a SQLite file holding django-eventstream's
+    tables, the kind of database appends use connections of their own for
+    (outside the test databases pytest-django manages)."""
+    from django.db.backends.sqlite3.base import DatabaseWrapper
+
+    wrapper = DatabaseWrapper(
+        {**connection.settings_dict, "NAME": str(tmp_path / "appends.sqlite3")},
+        alias="appends_file",
+    )
+    with django_db_blocker.unblock():
+        with wrapper.schema_editor(atomic=False) as editor:
+            editor.create_model(EventCounter)
+            editor.create_model(EventRow)
+        wrapper.close()
+        yield wrapper
+        storage_module._appenders.close_all()
+        wrapper.close()
+
+
+def _rows(wrapper: Any) -> list[tuple[str, int, str]]:
+    with wrapper.cursor() as cursor:
+        cursor.execute(
+            f"SELECT channel, eid, data FROM {EventRow._meta.db_table} ORDER BY channel, eid"
+        )
+        return [tuple(row) for row in cursor.fetchall()]
+
+
+def test_appends_to_a_file_use_a_connection_of_their_own_kept_between_runs(
+    file_database: Any,
+) -> None:
+    first = storage_module._append_on_sqlite(
+        file_database, "message", [Append("verity.global", '{"seq":', "}")]
+    )
+    # Django's own connection for the alias was never opened.
+    assert file_database.connection is None
+    [kept] = [raw for idle in storage_module._appenders.idle.values() for raw in idle]
+    second = storage_module._append_on_sqlite(
+        file_database,
+        "message",
+        [Append("verity.global", '{"seq":', "}", skip=1), Append("verity.team-1", "{", "}")],
+    )
+    assert [(e.channel, e.id) for e in first + second] == [  # type: ignore[union-attr]
+        ("verity.global", 1),
+        ("verity.global", 3),
+        ("verity.team-1", 1),
+    ]
+    assert [raw for idle in storage_module._appenders.idle.values() for raw in idle] == [kept]
+    assert not kept.in_transaction
+    assert _rows(file_database) == [
+        ("verity.global", 1, '{"seq":1}'),
+        ("verity.global", 3, '{"seq":3}'),
+        ("verity.team-1", 1, "{1}"),
+    ]
+
+
+def test_a_write_lock_held_elsewhere_fails_the_run_within_the_storage_timeout(
+    file_database: Any,
+) -> None:
+    import sqlite3
+
+    from django.db import OperationalError
+
+    storage_module._append_on_sqlite(
+        file_database, "message", [Append("verity.global", '{"seq":', "}")]
+    )
+    # Another process's writer, holding the lock until the append has given
+    # up, or for 5 s at most: an append that waited for the connection's own
+    # 20 s would then get the lock and succeed.
+    locked, gave_up = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        other = sqlite3.connect(file_database.settings_dict["NAME"], isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        locked.set()
+        gave_up.wait(5)
+        other.execute("ROLLBACK")
+        other.close()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        with override_settings(VERITY={"STORAGE_TIMEOUT": 0.2}):
+            with pytest.raises(OperationalError, match="locked"):
+                storage_module._append_on_sqlite(
+                    file_database, "message", [Append("verity.global", '{"seq":', "}")]
+                )
+    finally:
+        gave_up.set()
+        holder.join()
+    # The failed connection was dropped; the next run opens another and goes on.
+    [event] = storage_module._append_on_sqlite(
+        file_database, "message", [Append("verity.global", '{"seq":', "}")]
+    )
+    assert not isinstance(event, Exception) and event.id == 2
+    assert _rows(file_database) == [
+        ("verity.global", 1, '{"seq":1}'),
+        ("verity.global", 2, '{"seq":2}'),
+    ]
+
+
+def test_a_run_to_a_file_that_fails_midway_stores_nothing(file_database: Any) -> None:
+    storage_module._append_on_sqlite(
+        file_database, "message", [Append("verity.global", '{"seq":', "}")]
+    )
+    with file_database.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {EventRow._meta.db_table} (channel, type, data, eid, created) "
+            "VALUES ('verity.global', 'message', 'x', 3, '2026-01-01 00:00:00')"
+        )
+    file_database.close()
+    with pytest.raises(IntegrityError):
+        storage_module._append_on_sqlite(
+            file_database,
+            "message",
+            [Append("verity.global", '{"seq":', "}"), Append("verity.global", '{"seq":', "}")],
+        )
+    assert _rows(file_database) == [("verity.global", 1, '{"seq":1}'), ("verity.global", 3, "x")]
+    with file_database.cursor() as cursor:
+        cursor.execute(f"SELECT value FROM {EventCounter._meta.db_table}")
+        assert cursor.fetchall() == [(1,)]

@@ -297,6 +297,34 @@ async def test_other_processes_envelopes_arrive_under_steady_local_traffic(alice
     await stream.aclose()
 
 
+async def test_a_burst_past_a_streams_queue_arrives_whole_and_in_order(alice: Any) -> None:
+    """25 envelopes stored elsewhere reach the tailer in one read and are
+    handed to the stream at once: its queue holds 10 (django-eventstream's
+    bound), so it overflows and reads the rest from storage."""
+    from django_eventstream.views import MAX_PENDING
+
+    audience = f"user-{alice.pk}"
+    burst = 25
+    assert burst > MAX_PENDING
+    response = await open_stream(alice, f"audience={audience}")
+    stream = response.streaming_content
+    assert await messages(stream, 1) == [{"type": "hello", "audience": audience, "last_seq": 0}]
+
+    def store_elsewhere() -> None:
+        appends = []
+        for i in range(burst):
+            head, tail = envelopes.parts(audience, [d.refresh_item("todo", i)], None)
+            appends.append(Append(f"verity.{audience}", head, tail))
+        # As another process stores them: no offer reaches this tailer.
+        configured().append_many("message", appends)
+
+    await sync_to_async(store_elsewhere)()
+    received = await messages(stream, burst)
+    assert [m["seq"] for m in received] == list(range(1, burst + 1))
+    assert [m["directives"][0]["id"] for m in received] == list(range(burst))
+    await stream.aclose()
+
+
 async def test_a_polled_envelope_is_read_back_only_if_its_own_offer_does_not_follow(
     monkeypatch: Any,
 ) -> None:

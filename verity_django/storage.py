@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 from django.conf import settings
+from django.core.signals import setting_changed
 from django.db import (
     DatabaseError,
     IntegrityError,
@@ -349,31 +350,29 @@ def _in_autocommit(connection: Any) -> bool:
 def _append_on_sqlite(
     connection: Any, event_type: str, appends: Sequence[Append]
 ) -> list[Event | Exception]:
-    """Store envelopes in one ``BEGIN IMMEDIATE`` transaction on the DB-API
-    connection itself.
+    """Store envelopes in one ``BEGIN IMMEDIATE`` transaction on a DB-API
+    connection of the storage's own (:class:`_SqliteAppenders`).
 
     Django's ``atomic()`` and cursor wrappers were 280 of the 1,050 Python
     calls verity adds to a PATCH (bench W1, and W5's throughput, which pays
     for every call). These statements bypass Django's query log and
     ``execute_wrapper``s. ``BEGIN IMMEDIATE`` takes the write lock before
-    the counter is read, within the busy timeout, so ids follow commit order
-    across processes as with Django's path.
+    the counter is read, within ``STORAGE_TIMEOUT``, so ids follow commit
+    order across processes as with Django's path.
     """
     from django_eventstream.models import Event as EventRow
     from django_eventstream.models import EventCounter
 
-    raw = connection.connection
     counter = connection.ops.quote_name(EventCounter._meta.db_table)
     into, created = _event_insert_target(connection, EventRow)
-    milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
     events: list[Event | Exception] = []
     # Raised as django.db's errors, as from Django's own cursors.
-    with connection.wrap_database_errors:
-        previous = _sqlite_busy_timeout(connection, raw)
-        if previous != milliseconds:
-            raw.execute(f"PRAGMA busy_timeout = {milliseconds}")
+    with connection.wrap_database_errors, _appenders.connection_for(connection) as raw:
         try:
-            raw.execute("BEGIN IMMEDIATE")
+            if raw.isolation_level is None:
+                # The caller's own connection, in autocommit (see
+                # _SqliteAppenders); the storage's own begin by themselves.
+                raw.execute("BEGIN IMMEDIATE")
             for item in appends:
                 step = 1 + item.skip
                 row = raw.execute(
@@ -395,15 +394,104 @@ def _append_on_sqlite(
                     (item.channel, event_type, data, seq, created),
                 )
                 events.append(Event(item.channel, event_type, data, id=seq))
-            raw.execute("COMMIT")
+            # commit() and rollback() let go of the GIL once, where an
+            # execute() does so four times, each a thread switch under
+            # concurrent requests (bench W5).
+            raw.commit()
         except BaseException:
-            if raw.in_transaction:
-                raw.execute("ROLLBACK")
+            raw.rollback()
             raise
-        finally:
-            if previous != milliseconds:
-                raw.execute(f"PRAGMA busy_timeout = {previous}")
     return events
+
+
+class _SqliteAppenders:
+    """DB-API connections that only ever append, one per appending thread at
+    a time, kept between appends.
+
+    Under ASGI every request runs in a new thread with a new connection, and
+    an append on it paid for preparing its statements again and for setting
+    the connection's busy timeout to ``STORAGE_TIMEOUT`` and back: seven
+    statements instead of four. Each statement lets go of the GIL, which
+    hands it to another request thread: 40 thread switches per request
+    under W5's concurrent requests, most of them from the append (perf,
+    bench/README.md "Stop 22"). A connection kept here has its busy timeout
+    set once, and its statements stay prepared.
+
+    It is opened as Django opens the alias's own connections (its OPTIONS,
+    ``init_command``), without Django's ``connection_created`` signal, since
+    it never runs a query of the project's. An in-memory database (Django's
+    SQLite test database) is appended to on the caller's own connection: a
+    second connection to its shared cache would meet "table is locked" at
+    once, and no busy timeout applies there.
+
+    The lock guards the idle lists only: no connection is opened, used or
+    closed under it.
+    """
+
+    # Idle connections kept per database; more concurrent appends open more
+    # and close them as they finish.
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: dict[tuple[str, str, int], list[Any]] = {}
+        self.inherited: list[Any] = []
+
+    @contextmanager
+    def connection_for(self, connection: Any) -> Iterator[Any]:
+        if connection.is_in_memory_db():
+            connection.ensure_connection()
+            yield connection.connection
+            return
+        milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
+        key = (connection.alias, str(connection.settings_dict["NAME"]), milliseconds)
+        with self.lock:
+            idle = self.idle.get(key)
+            raw = idle.pop() if idle else None
+        if raw is None:
+            raw = connection.get_new_connection(connection.get_connection_params())
+            # sqlite3 begins before the first statement that writes (the
+            # counter's UPDATE), taking the write lock before it is read.
+            raw.isolation_level = "IMMEDIATE"
+            raw.execute(f"PRAGMA busy_timeout = {milliseconds}")
+        try:
+            yield raw
+        except BaseException:
+            # After a failure its state is unknown: the next append opens another.
+            raw.close()
+            raise
+        with self.lock:
+            idle = self.idle.setdefault(key, [])
+            if len(idle) < self.KEEP:
+                idle.append(raw)
+                return
+        raw.close()
+
+    def close_all(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, {}
+        for connections_of_one_database in idle.values():
+            for raw in connections_of_one_database:
+                raw.close()
+
+    def forget(self) -> None:
+        """In a forked child. A SQLite connection must not be used across a
+        fork, closing included: the parent's stay referenced, untouched."""
+        self.inherited.extend(raw for idle in self.idle.values() for raw in idle)
+        self.idle = {}
+        self.lock = threading.Lock()
+
+
+_appenders = _SqliteAppenders()
+
+
+def _close_appenders(*, setting: str, **kwargs: Any) -> None:
+    if setting in ("DATABASES", "VERITY"):
+        _appenders.close_all()
+
+
+setting_changed.connect(_close_appenders, dispatch_uid="verity_django.storage.setting_changed")
+os.register_at_fork(after_in_child=_appenders.forget)
 
 
 def _takes_many_statements(connection: Any) -> bool:
@@ -470,20 +558,6 @@ def _append_on_postgresql(
                 continue
         events.append(Event(item.channel, event_type, f"{item.head}{seq}{item.tail}", id=seq))
     return events
-
-
-_BUSY_ATTR = "_verity_sqlite_busy_timeout"
-
-
-def _sqlite_busy_timeout(connection: Any, raw: Any) -> int:
-    """The busy timeout the connection's owner set, read once per DB-API
-    connection (a reconnect reads it again)."""
-    known = getattr(connection, _BUSY_ATTR, None)
-    if known is not None and known[0] is raw:
-        return int(known[1])
-    previous = int(raw.execute("PRAGMA busy_timeout").fetchone()[0])
-    setattr(connection, _BUSY_ATTR, (raw, previous))
-    return previous
 
 
 def _increment(db: str, counter_model: Any, channel: str, step: int) -> int | None:

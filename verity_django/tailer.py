@@ -209,9 +209,7 @@ class Tailer:
     def _dispatch(self, channel: str, events: list[Event]) -> None:
         from django_eventstream.views import get_listener_manager
 
-        manager = get_listener_manager()
-        for event in events:
-            manager.add_to_queues(channel, event)
+        hand_to_listeners(get_listener_manager(), channel, events)
         self.positions[channel] = int(events[-1].id)
 
     @staticmethod
@@ -332,10 +330,44 @@ async def _listen(manager: Any, settle: float) -> None:
                 event = Event(
                     channel, published["event_type"], published["data"], id=published["pub_id"]
                 )
-                manager.add_to_queues(channel, event)
+                hand_to_listeners(manager, channel, [event])
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await client.aclose()
+
+
+def hand_to_listeners(manager: Any, channel: str, events: list[Event]) -> None:
+    """Queue ``events`` for this process's streams of ``channel``, as
+    django-eventstream's ``ListenerManager.add_to_queues`` does, from the
+    event loop the streams run on.
+
+    ``add_to_queues`` wakes each stream through ``call_soon_threadsafe``,
+    even from the loop itself: a write to the loop's wake-up socket and a
+    read of it, per event and stream, each letting go of the GIL (bench W5).
+    Here a stream on this loop is woken directly, once per call. It keeps
+    django-eventstream's bound on a stream's queue (``MAX_PENDING``): past
+    it the stream is marked ``overflow`` and re-reads storage. This uses the
+    manager's ``lock`` and ``listeners_by_channel`` and each listener's
+    ``channel_items``, ``overflow``, ``aevent`` and ``loop``, as in
+    django-eventstream 5.3 (``tests/test_stream.py`` covers overflow).
+    """
+    from django_eventstream.views import MAX_PENDING
+
+    loop = asyncio.get_running_loop()
+    woken = []
+    with manager.lock:
+        for listener in manager.listeners_by_channel.get(channel, ()):
+            queued = listener.channel_items.setdefault(channel, [])
+            room = max(MAX_PENDING - len(queued), 0)
+            queued.extend(events[:room])
+            if room < len(events):
+                listener.overflow = True
+            woken.append(listener)
+    for listener in woken:
+        if listener.loop is loop:
+            listener.aevent.set()
+        else:
+            listener.wake_threadsafe()
 
 
 def _reread_all(manager: Any) -> None:
