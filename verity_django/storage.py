@@ -350,20 +350,15 @@ def _in_autocommit(connection: Any) -> bool:
 def _append_on_sqlite(
     connection: Any, event_type: str, appends: Sequence[Append]
 ) -> list[Event | Exception]:
-    """Store envelopes on a DB-API connection, all or none.
+    """Store envelopes in one ``BEGIN IMMEDIATE`` transaction on a DB-API
+    connection of the storage's own (:class:`_SqliteAppenders`).
 
     Django's ``atomic()`` and cursor wrappers were 280 of the 1,050 Python
     calls verity adds to a PATCH (bench W1, and W5's throughput, which pays
     for every call). These statements bypass Django's query log and
-    ``execute_wrapper``s. The write lock is taken before the counter is
-    read, within ``STORAGE_TIMEOUT``, so ids follow commit order across
-    processes as with Django's path.
-
-    To a database file, each envelope is one statement on a connection of
-    the storage's own (:class:`_SqliteAppenders`), and a run of several is
-    one ``BEGIN IMMEDIATE`` transaction. Else (the in-memory test database)
-    the caller's connection runs the counter's ``UPDATE`` and the event's
-    ``INSERT`` in one.
+    ``execute_wrapper``s. ``BEGIN IMMEDIATE`` takes the write lock before
+    the counter is read, within ``STORAGE_TIMEOUT``, so ids follow commit
+    order across processes as with Django's path.
     """
     from django_eventstream.models import Event as EventRow
     from django_eventstream.models import EventCounter
@@ -372,21 +367,14 @@ def _append_on_sqlite(
     into, created = _event_insert_target(connection, EventRow)
     events: list[Event | Exception] = []
     # Raised as django.db's errors, as from Django's own cursors.
-    with connection.wrap_database_errors, _appenders.connection_for(connection) as appender:
-        raw, one_statement = appender
+    with connection.wrap_database_errors, _appenders.connection_for(connection) as raw:
         try:
-            if one_statement is None or len(appends) > 1:
+            if raw.isolation_level is None:
+                # The caller's own connection, in autocommit (see
+                # _SqliteAppenders); the storage's own begin by themselves.
                 raw.execute("BEGIN IMMEDIATE")
             for item in appends:
                 step = 1 + item.skip
-                if one_statement is not None:
-                    seq = raw.execute(
-                        one_statement,
-                        (item.channel, event_type, item.head, item.tail, step, created),
-                    ).fetchone()[0]
-                    data = f"{item.head}{seq}{item.tail}"
-                    events.append(Event(item.channel, event_type, data, id=seq))
-                    continue
                 row = raw.execute(
                     f"UPDATE {counter} SET value = value + ? WHERE name = ? RETURNING value",
                     (step, item.channel),
@@ -408,59 +396,12 @@ def _append_on_sqlite(
                 events.append(Event(item.channel, event_type, data, id=seq))
             # commit() and rollback() let go of the GIL once, where an
             # execute() does so four times, each a thread switch under
-            # concurrent requests (bench W5); after a lone statement they
-            # have nothing to do.
+            # concurrent requests (bench W5).
             raw.commit()
         except BaseException:
             raw.rollback()
             raise
     return events
-
-
-# A row of this table is an envelope to store: a trigger stores it in
-# django-eventstream's tables (the counter first) and deletes it, all in the
-# one statement that inserts it. Both live in the connection's TEMP schema:
-# nothing is added to the database or its migrations.
-_APPENDING = "verity_appending"
-
-
-def _one_statement_append(raw: Any, connection: Any) -> str:
-    """Create the TEMP table and trigger on ``raw`` (a storage's own
-    connection) and return the statement that stores one envelope there and
-    answers with its seq.
-
-    As one statement in autocommit it is one transaction, and SQLite takes
-    the write lock of every database a statement (its triggers included)
-    writes to before the statement reads anything, so the counter it reads
-    is the one it updates.
-    """
-    from django_eventstream.models import Event as EventRow
-    from django_eventstream.models import EventCounter
-
-    quote = connection.ops.quote_name
-    meta = EventCounter._meta
-    counter = quote(meta.db_table)
-    name, value, updated = (quote(meta.get_field(f).column) for f in ("name", "value", "updated"))
-    into, _ = _event_insert_target(connection, EventRow)
-    raw.execute(
-        f"CREATE TEMP TABLE {_APPENDING} "
-        "(channel TEXT, type TEXT, head TEXT, tail TEXT, seq INTEGER, created)"
-    )
-    raw.execute(
-        f"CREATE TEMP TRIGGER {_APPENDING}_stores AFTER INSERT ON {_APPENDING} BEGIN "
-        f"INSERT INTO {counter} ({name}, {value}, {updated}) "
-        f"VALUES (NEW.channel, NEW.seq, NEW.created) "
-        f"ON CONFLICT ({name}) DO UPDATE SET {value} = excluded.{value}; "
-        f"INSERT INTO {into} VALUES "
-        "(NEW.channel, NEW.type, NEW.head || NEW.seq || NEW.tail, NEW.seq, NEW.created); "
-        f"DELETE FROM {_APPENDING}; "
-        "END"
-    )
-    return (
-        f"INSERT INTO {_APPENDING} "
-        f"SELECT ?1, ?2, ?3, ?4, coalesce(max({value}), 0) + ?5, ?6 "
-        f"FROM {counter} WHERE {name} = ?1 RETURNING seq"
-    )
 
 
 class _SqliteAppenders:
@@ -470,12 +411,11 @@ class _SqliteAppenders:
     Under ASGI every request runs in a new thread with a new connection, and
     an append on it paid for preparing its statements again and for setting
     the connection's busy timeout to ``STORAGE_TIMEOUT`` and back: seven
-    statements. Each statement lets go of the GIL several times, and each
-    time hands it to another request thread: 40 thread switches per request
+    statements instead of four. Each statement lets go of the GIL, which
+    hands it to another request thread: 40 thread switches per request
     under W5's concurrent requests, most of them from the append (perf,
     bench/README.md "Stop 22"). A connection kept here has its busy timeout
-    set once, its statements stay prepared, and an envelope is one statement
-    (:func:`_one_statement_append`).
+    set once, and its statements stay prepared.
 
     It is opened as Django opens the alias's own connections (its OPTIONS,
     ``init_command``), without Django's ``connection_created`` signal, since
@@ -494,57 +434,50 @@ class _SqliteAppenders:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.idle: dict[tuple[str, str, int], list[tuple[Any, str]]] = {}
-        self.inherited: list[tuple[Any, str]] = []
+        self.idle: dict[tuple[str, str, int], list[Any]] = {}
+        self.inherited: list[Any] = []
 
     @contextmanager
-    def connection_for(self, connection: Any) -> Iterator[tuple[Any, str | None]]:
-        """A DB-API connection to append on, and the one statement that
-        stores an envelope there (None: the caller's own connection)."""
+    def connection_for(self, connection: Any) -> Iterator[Any]:
         if connection.is_in_memory_db():
             connection.ensure_connection()
-            yield connection.connection, None
+            yield connection.connection
             return
         milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
         key = (connection.alias, str(connection.settings_dict["NAME"]), milliseconds)
         with self.lock:
             idle = self.idle.get(key)
-            appender = idle.pop() if idle else None
-        if appender is None:
+            raw = idle.pop() if idle else None
+        if raw is None:
             raw = connection.get_new_connection(connection.get_connection_params())
-            try:
-                # Autocommit: a lone statement is its own transaction, and a
-                # run begins its own (BEGIN IMMEDIATE).
-                raw.isolation_level = None
-                raw.execute(f"PRAGMA busy_timeout = {milliseconds}")
-                appender = (raw, _one_statement_append(raw, connection))
-            except BaseException:
-                raw.close()
-                raise
+            # sqlite3 begins before the first statement that writes (the
+            # counter's UPDATE), taking the write lock before it is read.
+            raw.isolation_level = "IMMEDIATE"
+            raw.execute(f"PRAGMA busy_timeout = {milliseconds}")
         try:
-            yield appender
+            yield raw
         except BaseException:
             # After a failure its state is unknown: the next append opens another.
-            appender[0].close()
+            raw.close()
             raise
         with self.lock:
             idle = self.idle.setdefault(key, [])
             if len(idle) < self.KEEP:
-                idle.append(appender)
+                idle.append(raw)
                 return
-        appender[0].close()
+        raw.close()
 
     def close_all(self) -> None:
         with self.lock:
             idle, self.idle = self.idle, {}
-        for appenders in idle.values():
-            for raw, _ in appenders:
+        for connections_of_one_database in idle.values():
+            for raw in connections_of_one_database:
                 raw.close()
 
     def forget(self) -> None:
         """In a forked child. A SQLite connection must not be used across a
         fork, closing included: the parent's stay referenced, untouched."""
-        self.inherited.extend(a for idle in self.idle.values() for a in idle)
+        self.inherited.extend(raw for idle in self.idle.values() for raw in idle)
         self.idle = {}
         self.lock = threading.Lock()
 
