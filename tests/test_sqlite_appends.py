@@ -206,3 +206,56 @@ def test_a_run_to_a_file_that_fails_midway_stores_nothing(file_database: Any) ->
     with file_database.cursor() as cursor:
         cursor.execute(f"SELECT value FROM {EventCounter._meta.db_table}")
         assert cursor.fetchall() == [(1,)]
+
+
+def test_concurrent_appends_to_a_file_get_contiguous_ids_each_in_its_own_data(
+    file_database: Any,
+) -> None:
+    """Threads appending at once, on connections of their own, as requests
+    do: per channel the ids are 1..n with none twice, every row's data holds
+    its own id, and each thread's envelopes got increasing ids."""
+    threads, per_thread = 4, 60
+    got: dict[int, list[tuple[str, int]]] = {}
+    errors: list[BaseException] = []
+
+    def append(number: int) -> None:
+        mine: list[tuple[str, int]] = []
+        try:
+            for i in range(per_thread):
+                channel = f"verity.c{i % 3}"
+                run = [Append(channel, '{"seq":', "}")]
+                if i % 10 == 0:
+                    run.append(Append("verity.global", '{"seq":', "}"))
+                for event in storage_module._append_on_sqlite(file_database, "message", run):
+                    assert not isinstance(event, Exception)
+                    mine.append((event.channel, int(event.id)))
+        except BaseException as exc:
+            errors.append(exc)
+        got[number] = mine
+
+    workers = [threading.Thread(target=append, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not errors
+    rows = _rows(file_database)
+    by_channel: dict[str, list[int]] = {}
+    for channel, eid, data in rows:
+        assert json.loads(data) == {"seq": eid}
+        by_channel.setdefault(channel, []).append(eid)
+    assert {c: len(ids) for c, ids in by_channel.items()} == {
+        "verity.c0": threads * 20,
+        "verity.c1": threads * 20,
+        "verity.c2": threads * 20,
+        "verity.global": threads * 6,
+    }
+    for ids in by_channel.values():
+        assert ids == list(range(1, len(ids) + 1))
+    for mine in got.values():
+        for channel in by_channel:
+            seqs = [seq for c, seq in mine if c == channel]
+            assert seqs == sorted(seqs)
+    with file_database.cursor() as cursor:
+        cursor.execute(f"SELECT name, value FROM {EventCounter._meta.db_table}")
+        assert dict(cursor.fetchall()) == {c: len(ids) for c, ids in by_channel.items()}

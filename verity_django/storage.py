@@ -411,11 +411,11 @@ class _SqliteAppenders:
     Under ASGI every request runs in a new thread with a new connection, and
     an append on it paid for preparing its statements again and for setting
     the connection's busy timeout to ``STORAGE_TIMEOUT`` and back: seven
-    statements instead of four. Each statement lets go of the GIL, which
-    hands it to another request thread: 40 thread switches per request
-    under W5's concurrent requests, most of them from the append (perf,
-    bench/README.md "Stop 22"). A connection kept here has its busy timeout
-    set once, and its statements stay prepared.
+    statements instead of four. Each statement lets go of the GIL several
+    times, and under concurrent requests each time hands it to another
+    thread: of the 43 GIL releases verity added to a W5 request, 37 were
+    SQLite's (bench/README.md, "Stop 22"). A connection kept here has its
+    busy timeout set once, and its statements stay prepared.
 
     It is opened as Django opens the alias's own connections (its OPTIONS,
     ``init_command``), without Django's ``connection_created`` signal, since

@@ -349,7 +349,8 @@ def hand_to_listeners(manager: Any, channel: str, events: list[Event]) -> None:
     it the stream is marked ``overflow`` and re-reads storage. This uses the
     manager's ``lock`` and ``listeners_by_channel`` and each listener's
     ``channel_items``, ``overflow``, ``aevent`` and ``loop``, as in
-    django-eventstream 5.3 (``tests/test_stream.py`` covers overflow).
+    django-eventstream 5.3 (overflow: ``tests/test_stream.py::
+    test_a_burst_past_a_streams_queue_arrives_whole_and_in_order``).
     """
     from django_eventstream.views import MAX_PENDING
 
