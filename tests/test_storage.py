@@ -38,6 +38,23 @@ def test_ids_are_contiguous_per_channel_and_written_into_the_data(
     }
 
 
+def test_current_ids_of_more_channels_than_one_statement_takes(
+    db: Any, storage: DatabaseStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.db import connection
+
+    names = [f"verity.c{i}" for i in range(5)]
+    for count, name in enumerate(names):
+        for _ in range(count):
+            storage.append_sequenced(name, "message", "", "")
+    monkeypatch.setattr(connection.features, "max_query_params", 2)
+    assert storage.get_current_ids([*names, "verity.none"]) == {
+        **{name: count for count, name in enumerate(names)},
+        "verity.none": 0,
+    }
+    assert storage.get_current_ids([]) == {}
+
+
 def test_plain_send_event_still_works(db: Any, storage: DatabaseStorage) -> None:
     event = storage.append_event("other", "message", {"hello": 1})
     assert event.id == 1

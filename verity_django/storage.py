@@ -187,9 +187,34 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
 
 
 def _current_ids(channels: list[str]) -> dict[str, int]:
+    """Each channel's current id (0 before its first event).
+
+    Raw SQL because the tailer asks this four times a second in every
+    process, idle or not: the ORM spent about 600 Python calls building
+    the same query each time (bench W5 ``--by-function``)."""
     from django_eventstream.models import EventCounter
 
-    found = dict(EventCounter.objects.filter(name__in=channels).values_list("name", "value"))
+    if not channels:
+        return {}
+    connection = connections[router.db_for_read(EventCounter)]
+    meta = EventCounter._meta
+    quote = connection.ops.quote_name
+    name = quote(meta.get_field("name").column)
+    value = quote(meta.get_field("value").column)
+    # A process listening to thousands of audiences would pass SQLite's
+    # limit on parameters in one statement.
+    step = connection.features.max_query_params or len(channels)
+    found: dict[str, int] = {}
+    with connection.cursor() as cursor:
+        for start in range(0, len(channels), step):
+            chunk = channels[start : start + step]
+            placeholders = ", ".join(["%s"] * len(chunk))
+            cursor.execute(
+                f"SELECT {name}, {value} FROM {quote(meta.db_table)} "
+                f"WHERE {name} IN ({placeholders})",
+                chunk,
+            )
+            found.update(cursor.fetchall())
     return {c: int(found.get(c, 0)) for c in channels}
 
 
