@@ -65,7 +65,7 @@ from verity_django import envelopes
 from verity_django.audiences import channel_for
 from verity_django.conf import conf
 from verity_django.signals import directives_committed, envelope_published
-from verity_django.storage import Append, configured
+from verity_django.storage import Append, configured, in_open_transaction
 
 if TYPE_CHECKING:
     from verity_django.batching import Batch
@@ -293,7 +293,7 @@ def _in_test_transaction() -> bool:
     TestCase does: that transaction holds what the envelope is stored next
     to, and only its own connection can write there, so it publishes inline,
     failing or not, and never hands the rest to the publisher thread."""
-    return any(c.in_atomic_block for c in connections.all(initialized_only=True))
+    return in_open_transaction()
 
 
 def _shares_the_database() -> bool:

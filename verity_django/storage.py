@@ -270,6 +270,11 @@ def reader() -> ThreadPoolExecutor:
         return _reader
 
 
+def in_open_transaction() -> bool:
+    """Whether this thread has a transaction open on any database."""
+    return any(c.in_atomic_block for c in connections.all(initialized_only=True))
+
+
 def on_reader(func: Callable[..., T], *args: Any) -> T:
     """Run a storage read on the shared reader threads and wait for it.
 
@@ -277,7 +282,7 @@ def on_reader(func: Callable[..., T], *args: Any) -> T:
     connection sees what the transaction wrote (and in a TestCase,
     everything the test wrote).
     """
-    if any(c.in_atomic_block for c in connections.all(initialized_only=True)):
+    if in_open_transaction():
         return func(*args)
     if threading.current_thread().name.startswith(_READER_PREFIX):
         return _reconnecting(func, *args)
