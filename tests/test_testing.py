@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.testapp.models import Todo
-from verity_django.testing import CapturedDirectives, capture_directives, strip_metadata
+from verity_django.testing import (
+    CapturedDirectives,
+    capture_directives,
+    release_database_connections,
+    strip_metadata,
+)
 
 
 def test_contract_example_is_a_one_liner(todo: Todo) -> None:
@@ -59,3 +66,68 @@ def test_atomic_blocks_inside_a_test_transaction_are_run(alice: Any) -> None:
         with transaction.atomic():
             Todo.objects.create(title="x", owner=alice)
     assert captured == [{"op": "refresh_collection", "name": "todos"}]
+
+
+def _other_sessions() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.postgresql
+@pytest.mark.postgresql_only
+@pytest.mark.django_db(transaction=True)
+def test_background_threads_let_go_of_the_test_database() -> None:
+    import threading
+
+    from django.db import connections
+    from django.test import override_settings
+
+    import verity_django
+    from verity_django import directives as d
+    from verity_django import positions, publishing, storage
+    from verity_django.conf import conf
+
+    # Every reader thread, the publisher thread and the positions writer
+    # open a connection of their own, as streams and publishing outside a
+    # test transaction make them do.
+    barrier = threading.Barrier(storage._READER_THREADS, timeout=5)
+
+    def connect() -> None:
+        connections["default"].ensure_connection()
+        barrier.wait()
+
+    for task in [storage.reader().submit(connect) for _ in range(storage._READER_THREADS)]:
+        task.result(timeout=5)
+    published = publishing.counters.published
+    with override_settings(VERITY={**settings_verity(), "PUBLISH_INLINE": False}):
+        assert not conf.PUBLISH_INLINE
+        verity_django.emit(d.refresh_collection("todos"))
+        _wait_for(lambda: publishing.counters.published > published)
+    positions.writer.submit("verity-test", "", "connection-1", False, 60.0)
+    assert positions.writer.flush(timeout=5)
+    opened = _other_sessions()
+    assert opened >= storage._READER_THREADS + 2
+
+    assert release_database_connections(timeout=5)
+    _wait_for(lambda: _other_sessions() == 0)
+
+
+def settings_verity() -> dict[str, Any]:
+    from django.conf import settings
+
+    return dict(getattr(settings, "VERITY", {}))
+
+
+def _wait_for(condition: Any, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -275,6 +275,8 @@ class Writer:
         self._busy = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        # Asked of the thread by release_connections(), set once it has.
+        self._releases: list[threading.Event] = []
 
     def submit(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> None:
         with self._cond:
@@ -300,13 +302,33 @@ class Writer:
                 self._cond.wait(remaining)
         return True
 
+    def release_connections(self, timeout: float) -> bool:
+        """Have the thread, if running, close its database connections (it
+        reopens them for its next save); True once it has."""
+        released = threading.Event()
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                return True
+            self._releases.append(released)
+            self._cond.notify_all()
+        return released.wait(timeout)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending:
+                while not self._pending and not self._releases:
                     self._cond.wait()
+                releases, self._releases = self._releases, []
                 batch, self._pending = self._pending, {}
                 self._busy = len(batch)
+            if releases:
+                from django.db import connections
+
+                connections.close_all()
+                for released in releases:
+                    released.set()
+            if not batch:
+                continue
             try:
                 self._save_all(batch)
             finally:

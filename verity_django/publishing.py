@@ -248,6 +248,12 @@ def flush(timeout: float | None = None) -> bool:
     return _publisher.flush(conf.FLUSH_TIMEOUT if timeout is None else timeout)
 
 
+def release_connections(timeout: float) -> bool:
+    """Have the publisher thread, if running, close its database
+    connections (it reopens them when it next publishes); True once it has."""
+    return _publisher.release_connections(timeout)
+
+
 def reset() -> None:
     """Forget the backlog and the breaker (tests), once a run in flight has landed."""
     _publisher.reset()
@@ -332,6 +338,8 @@ class _Publisher:
         self.backoff = 0.0
         self.lags: collections.deque[float] = collections.deque(maxlen=_LAGS)
         self.thread: threading.Thread | None = None
+        # Asked of the thread by release_connections(), set once it has.
+        self.releases: list[threading.Event] = []
         # When the last publish (other than a background one) returned to
         # its caller, for the burst rule.
         self.last_returned = -_BURST_GAP
@@ -439,9 +447,15 @@ class _Publisher:
     def _run(self) -> None:
         while True:
             with self.lock:
-                while not self.queue:
+                while not self.queue and not self.releases:
                     self.wake.wait()
+                releases, self.releases = self.releases, []
                 pause = self.retry_at - time.monotonic()
+            if releases:
+                connections.close_all()
+                for released in releases:
+                    released.set()
+                continue
             if pause > 0:
                 time.sleep(pause)
             if self.publishing.acquire(blocking=False):
@@ -450,6 +464,15 @@ class _Publisher:
                 # Someone else publishes; it wakes this thread for what it leaves.
                 with self.lock:
                     self.wake.wait(_BACKOFF_FIRST)
+
+    def release_connections(self, timeout: float) -> bool:
+        released = threading.Event()
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                return True
+            self.releases.append(released)
+            self.wake.notify()
+        return released.wait(timeout)
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

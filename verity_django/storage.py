@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from contextvars import ContextVar
 from copy import deepcopy
@@ -268,6 +269,28 @@ def reader() -> ThreadPoolExecutor:
         if _reader is None:
             _reader = ThreadPoolExecutor(_READER_THREADS, thread_name_prefix=_READER_PREFIX)
         return _reader
+
+
+def release_reader_connections(timeout: float) -> bool:
+    """Have every reader thread close its database connections, which it
+    reopens on its next read; True once all have. A test database cannot
+    be dropped while they stay open (PostgreSQL: "being accessed by other
+    users")."""
+    with _reader_lock:
+        executor = _reader
+    if executor is None:
+        return True
+    # Each task waits, after closing, until all have started, so no thread
+    # can take two of them.
+    barrier = threading.Barrier(_READER_THREADS, timeout=timeout)
+    tasks = [executor.submit(_close_then_wait, barrier) for _ in range(_READER_THREADS)]
+    done, late = futures_wait(tasks, timeout)
+    return not late and all(task.exception() is None for task in done)
+
+
+def _close_then_wait(barrier: threading.Barrier) -> None:
+    connections.close_all()
+    barrier.wait()
 
 
 def in_open_transaction() -> bool:

@@ -12,12 +12,15 @@
 
 Comparisons ignore the metadata every directive carries (idempotency key,
 timestamp, source, seq); ``captured.directives`` keeps it. This module is
-also a pytest plugin that provides the ``verity_directives`` fixture.
+also a pytest plugin that provides the ``verity_directives`` fixture, and
+that calls :func:`release_database_connections` before pytest-django drops
+the test databases.
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -112,6 +115,32 @@ def capture_directives(*, using: str = "default") -> Iterator[CapturedDirectives
         directives_committed.disconnect(dispatch_uid=uid)
 
 
+def release_database_connections(timeout: float = 5.0) -> bool:
+    """Have verity_django's background threads close their database
+    connections; True once all have, within ``timeout`` seconds each.
+
+    Each thread keeps its own connection between uses (Django's connections
+    are per thread), so with publishing, streams or replay positions running
+    outside a test transaction PostgreSQL refuses to drop the test database
+    ("being accessed by other users"). The pytest plugin calls this before
+    the databases are dropped; with Django's test runner, call it at the
+    start of your runner's ``teardown_databases``. A thread reopens its
+    connection when it next needs one.
+    """
+    released = True
+    # A module never imported has started no thread: nothing to import here.
+    storage = sys.modules.get("verity_django.storage")
+    if storage is not None:
+        released = storage.release_reader_connections(timeout) and released
+    publishing = sys.modules.get("verity_django.publishing")
+    if publishing is not None:
+        released = publishing.release_connections(timeout) and released
+    positions = sys.modules.get("verity_django.positions")
+    if positions is not None:
+        released = positions.writer.release_connections(timeout) and released
+    return released
+
+
 try:
     import pytest
 except ImportError:  # pragma: no cover - pytest is only needed to use the fixture
@@ -123,3 +152,26 @@ else:
         """The directives delivered during the test."""
         with capture_directives() as captured:
             yield captured
+
+    _LAST_TEST = pytest.StashKey[bool]()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        item.stash[_LAST_TEST] = nextitem is None
+
+    @pytest.fixture(autouse=True)
+    def _verity_releases_connections_after_the_last_test(
+        request: pytest.FixtureRequest,
+    ) -> Iterator[None]:
+        # A plugin's autouse fixture is torn down after the test's other
+        # function fixtures and before the session's (pytest-django drops
+        # the databases there): the last moment nothing reconnects.
+        yield
+        if request.node.stash.get(_LAST_TEST, False):
+            release_database_connections()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(session: pytest.Session) -> None:
+        # A session stopped early (-x, a keyboard interrupt) drops the
+        # databases here instead, after no last test.
+        release_database_connections()
