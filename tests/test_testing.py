@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.testapp.models import Todo
+from tests.waiting import wait_for
 from verity_django.testing import (
     CapturedDirectives,
     capture_directives,
@@ -105,29 +106,14 @@ def test_background_threads_let_go_of_the_test_database() -> None:
     for task in [storage.reader().submit(connect) for _ in range(storage._READER_THREADS)]:
         task.result(timeout=5)
     published = publishing.counters.published
-    with override_settings(VERITY={**settings_verity(), "PUBLISH_INLINE": False}):
+    with override_settings(VERITY={"PUBLISH_INLINE": False}):
         assert not conf.PUBLISH_INLINE
         verity_django.emit(d.refresh_collection("todos"))
-        _wait_for(lambda: publishing.counters.published > published)
+        wait_for(lambda: publishing.counters.published > published, timeout=5)
     positions.writer.submit("verity-test", "", "connection-1", False, 60.0)
     assert positions.writer.flush(timeout=5)
     opened = _other_sessions()
     assert opened >= storage._READER_THREADS + 2
 
     assert release_database_connections(timeout=5)
-    _wait_for(lambda: _other_sessions() == 0)
-
-
-def settings_verity() -> dict[str, Any]:
-    from django.conf import settings
-
-    return dict(getattr(settings, "VERITY", {}))
-
-
-def _wait_for(condition: Any, timeout: float = 5.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    wait_for(lambda: _other_sessions() == 0, timeout=5)

@@ -51,6 +51,7 @@ from django.http import HttpRequest
 
 from verity_django.clients import tag_for
 from verity_django.conf import conf
+from verity_django.storage import ConnectionRelease
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +276,7 @@ class Writer:
         self._busy = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        # Asked of the thread by release_connections(), set once it has.
-        self._releases: list[threading.Event] = []
+        self._release = ConnectionRelease(self._cond)
 
     def submit(self, key: str, record: str, connection: str, claim: bool, ttl: float) -> None:
         with self._cond:
@@ -305,28 +305,17 @@ class Writer:
     def release_connections(self, timeout: float) -> bool:
         """Have the thread, if running, close its database connections (it
         reopens them for its next save); True once it has."""
-        released = threading.Event()
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():
-                return True
-            self._releases.append(released)
-            self._cond.notify_all()
-        return released.wait(timeout)
+        return self._release.ask(self._thread, timeout)
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._releases:
+                while not self._pending and not self._release.asked:
                     self._cond.wait()
-                releases, self._releases = self._releases, []
+                released = self._release.take()
                 batch, self._pending = self._pending, {}
                 self._busy = len(batch)
-            if releases:
-                from django.db import connections
-
-                connections.close_all()
-                for released in releases:
-                    released.set()
+            ConnectionRelease.answer(released)
             if not batch:
                 continue
             try:

@@ -65,7 +65,7 @@ from verity_django import envelopes
 from verity_django.audiences import channel_for
 from verity_django.conf import conf
 from verity_django.signals import directives_committed, envelope_published
-from verity_django.storage import Append, configured, in_open_transaction
+from verity_django.storage import Append, ConnectionRelease, configured, in_open_transaction
 
 if TYPE_CHECKING:
     from verity_django.batching import Batch
@@ -251,7 +251,7 @@ def flush(timeout: float | None = None) -> bool:
 def release_connections(timeout: float) -> bool:
     """Have the publisher thread, if running, close its database
     connections (it reopens them when it next publishes); True once it has."""
-    return _publisher.release_connections(timeout)
+    return _publisher.release.ask(_publisher.thread, timeout)
 
 
 def reset() -> None:
@@ -338,8 +338,7 @@ class _Publisher:
         self.backoff = 0.0
         self.lags: collections.deque[float] = collections.deque(maxlen=_LAGS)
         self.thread: threading.Thread | None = None
-        # Asked of the thread by release_connections(), set once it has.
-        self.releases: list[threading.Event] = []
+        self.release = ConnectionRelease(self.wake)
         # When the last publish (other than a background one) returned to
         # its caller, for the burst rule.
         self.last_returned = -_BURST_GAP
@@ -447,14 +446,12 @@ class _Publisher:
     def _run(self) -> None:
         while True:
             with self.lock:
-                while not self.queue and not self.releases:
+                while not self.queue and not self.release.asked:
                     self.wake.wait()
-                releases, self.releases = self.releases, []
+                released = self.release.take()
                 pause = self.retry_at - time.monotonic()
-            if releases:
-                connections.close_all()
-                for released in releases:
-                    released.set()
+            if released:
+                ConnectionRelease.answer(released)
                 continue
             if pause > 0:
                 time.sleep(pause)
@@ -464,15 +461,6 @@ class _Publisher:
                 # Someone else publishes; it wakes this thread for what it leaves.
                 with self.lock:
                     self.wake.wait(_BACKOFF_FIRST)
-
-    def release_connections(self, timeout: float) -> bool:
-        released = threading.Event()
-        with self.lock:
-            if self.thread is None or not self.thread.is_alive():
-                return True
-            self.releases.append(released)
-            self.wake.notify()
-        return released.wait(timeout)
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from liveservers.processes import LOOPBACK, RedisServer
+from tests.waiting import wait_for
 from verity_django import directives as d
 from verity_django import envelopes, publishing
 from verity_django.batching import Batch
@@ -93,7 +94,7 @@ def _lose_answers_then_recover(proxy: CuttingProxy, redis_client: Any) -> dict[s
     # this thread, or by the publisher's when it counts as a burst): Redis
     # runs it, and its answer never comes back.
     _deliver("first", _AUDIENCES)
-    _wait_for(lambda: publishing.counters.failed > failed)
+    wait_for(lambda: publishing.counters.failed > failed)
     assert [_counter(redis_client, a) for a in _AUDIENCES] == [2, 1, 1]
     assert publishing.counters.depth == 3
     # The breaker is open: this one waits behind the run, and the retry
@@ -102,13 +103,6 @@ def _lose_answers_then_recover(proxy: CuttingProxy, redis_client: Any) -> dict[s
     proxy.answers_muted.clear()
     assert publishing.flush(timeout=10)
     return _stored_names(redis_client)
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.02)
 
 
 def test_a_retry_after_a_lost_answer_stores_the_envelope_once(
