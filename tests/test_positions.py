@@ -101,6 +101,7 @@ def test_the_oracle_catches_a_broken_history(broken: type[History]) -> None:
         max_examples=400,
         deadline=None,
         database=None,
+        derandomize=True,
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
