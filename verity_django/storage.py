@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import threading
 import time
@@ -46,6 +47,7 @@ from verity_django.conf import conf
 
 _TRIM_EVERY = 60.0
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def configured() -> SequencedStorage:
@@ -184,7 +186,18 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
         from django_eventstream.models import Event as EventRow
 
         cutoff = timezone.now() - datetime.timedelta(seconds=conf.EVENT_RETENTION)
-        EventRow.objects.using(db).filter(created__lt=cutoff).delete()
+        # The envelopes are committed by now: a trim that fails (a table
+        # locked by a reader, a lock timeout) must not make their append look
+        # failed, or the publisher would store them again. The next trim,
+        # a minute on, deletes what this one left. Its own savepoint keeps an
+        # enclosing transaction usable on PostgreSQL after the failure.
+        try:
+            with transaction.atomic(using=db):
+                EventRow.objects.using(db).filter(created__lt=cutoff).delete()
+        except DatabaseError as exc:
+            logger.warning(
+                "verity_django: trimming stored envelopes failed (%s); retrying later", exc
+            )
 
 
 def _current_ids(channels: list[str]) -> dict[str, int]:
