@@ -10,7 +10,11 @@ batch per outermost transaction. A batch publishes when it closes.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import queue
+import threading
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -204,15 +208,15 @@ class Batch:
             out[audience] = _without_subsumed(items)
         return out
 
-    def close(self, *, background: bool = False) -> None:
-        """Deliver the batch (once); ``background``: see ``publishing.deliver``."""
+    def close(self) -> None:
+        """Deliver the batch (once)."""
         if self.closed:
             return
         self.closed = True
         if self._entries:
             from verity_django.publishing import deliver
 
-            deliver(self, background=background)
+            deliver(self)
 
     def close_after(self, response: Any) -> bool:
         """Close once the server has sent ``response``; False if it must be
@@ -227,8 +231,82 @@ class Batch:
         if self.closed or not self._entries or getattr(response, "streaming", True):
             return False
         internals.on_response_close(response, self.close)
-        weakref.finalize(response, self.close, background=True)
+        _collected.start()
+        weakref.finalize(response, _collected.put, self)
         return True
+
+
+class _CollectedBatches:
+    """Delivers the batches of responses collected without being closed.
+
+    The garbage collector runs finalizers in whichever thread allocates, at
+    any point, possibly while that thread holds a lock that delivering takes
+    (the publisher's backlog lock is not reentrant): delivering there could
+    deadlock the thread, and would run ``directives_committed`` receivers
+    at a random point. So the finalizer only puts the batch on a queue
+    (``SimpleQueue.put`` is safe there) and this thread delivers it.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[Batch] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        # Started by the request, never by the finalizer: starting a thread
+        # takes locks too.
+        if self.thread is not None:
+            return
+        with self.lock:
+            if self.thread is None:
+                thread = threading.Thread(
+                    target=self._run, name="verity-collected-batches", daemon=True
+                )
+                thread.start()
+                self.thread = thread
+                atexit.register(self.close_all)
+
+    def put(self, batch: Batch) -> None:
+        if not batch.closed:
+            self.queue.put(batch)
+
+    def _run(self) -> None:
+        while True:
+            self._close(self.queue.get())
+            # Rarely needed, so it keeps no connection between batches (a
+            # test database could not be dropped while it did).
+            connections.close_all()
+
+    def close_all(self) -> None:
+        """At exit: deliver what is still queued, then publish it."""
+        from verity_django import publishing
+
+        while True:
+            try:
+                batch = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            self._close(batch)
+        publishing.flush()
+
+    @staticmethod
+    def _close(batch: Batch) -> None:
+        try:
+            batch.close()
+        except Exception:
+            logger.exception("verity_django: delivering a collected response's batch failed")
+
+
+_collected = _CollectedBatches()
+
+
+def _forget_after_fork() -> None:
+    # The thread does not survive a fork; a child starts its own when needed.
+    global _collected
+    _collected = _CollectedBatches()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _is_params_variant(x: d.Directive) -> bool:

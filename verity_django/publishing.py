@@ -193,12 +193,8 @@ class Counters:
 counters = Counters()
 
 
-def deliver(batch: Batch, *, background: bool = False) -> None:
-    """Called once per committed batch: notify, then publish its envelopes.
-
-    ``background``: hand them to the publisher thread and do no I/O here,
-    for a caller that may run anywhere (a garbage-collection finalizer).
-    """
+def deliver(batch: Batch) -> None:
+    """Called once per committed batch: notify, then publish its envelopes."""
     counters.batches_delivered += 1
     directives_committed.send(sender=type(batch), batch=batch)
     if conf.PUSH:
@@ -208,8 +204,7 @@ def deliver(batch: Batch, *, background: bool = False) -> None:
                 pending
                 for audience, items in batch.by_audience().items()
                 if (pending := _encode(audience, items, origin)) is not None
-            ],
-            background=background,
+            ]
         )
 
 
@@ -339,8 +334,7 @@ class _Publisher:
         self.lags: collections.deque[float] = collections.deque(maxlen=_LAGS)
         self.thread: threading.Thread | None = None
         self.release = ConnectionRelease(self.wake)
-        # When the last publish (other than a background one) returned to
-        # its caller, for the burst rule.
+        # When the last publish returned to its caller, for the burst rule.
         self.last_returned = -_BURST_GAP
 
     def reset(self) -> None:
@@ -359,9 +353,7 @@ class _Publisher:
             self.backoff = 0.0
             self.last_returned = -_BURST_GAP
 
-    def submit(
-        self, pending: list[_Pending], *, wait: bool = False, background: bool = False
-    ) -> None:
+    def submit(self, pending: list[_Pending], *, wait: bool = False) -> None:
         if not pending:
             return
         with self.lock:
@@ -370,9 +362,6 @@ class _Publisher:
             in_burst = time.monotonic() - self.last_returned < _BURST_GAP
         if overflow > 0:
             self._drop_oldest(overflow)
-        if background:
-            self._hand_rest_to_thread()
-            return
         grouped = in_burst and not _shares_the_database()
         inline = self.healthy and (wait or (conf.PUBLISH_INLINE and not grouped))
         # Asked only when it decides something: it looks at every connection.
