@@ -17,6 +17,8 @@ behind Redis.
   django-eventstream's own ``stream-error``) starts afresh instead of a 400.
 - ``revoke()`` inside a transaction takes effect when it commits, and not at
   all when it rolls back.
+- The watcher's task never swallows a cancellation (``asyncio.wait_for`` on
+  Python 3.11 does, when the awaited read finishes with it).
 - For random interleavings of streams opening, revocations stored by
   another process and the watcher reading them, exactly the streams an
   oracle written here names are cut; a match that ignores the audience
@@ -27,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from unittest import mock
 
@@ -253,6 +256,36 @@ async def test_reconnect_after_a_stream_error_starts_afresh(alice: Any) -> None:
     stream = await open_stream(client, "audience=global", **{"Last-Event-ID": "error"})
     assert await events(stream, 1) == [{"type": "hello", "audience": "global", "last_seq": 1}]
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _swallows_a_cancellation(
+    within: Callable[[float, Awaitable[str]], Awaitable[str]],
+) -> bool:
+    """Whether a task awaiting ``within(timeout, read)`` goes on when it is
+    cancelled just as the read finishes."""
+    loop = asyncio.get_running_loop()
+    read: asyncio.Future[str] = loop.create_future()
+    task = loop.create_task(within(5, read))
+    await asyncio.sleep(0)  # the task now waits for the read
+    read.set_result("rows")
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return False
+    return True
+
+
+async def test_the_watcher_never_swallows_a_cancellation() -> None:
+    # Its reads finish in a thread at any moment. One that finished as the
+    # test's loop shut down kept the watcher polling, and the shutdown waited
+    # for it forever (CI hung in this module).
+    assert not await _swallows_a_cancellation(revocation.within)
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12 rebuilt wait_for on asyncio.timeout")
+async def test_the_cancellation_check_catches_wait_for_on_python_3_11() -> None:
+    assert await _swallows_a_cancellation(lambda timeout, read: asyncio.wait_for(read, timeout))
 
 
 def test_revoke_inside_a_transaction_waits_for_the_commit(alice: Any) -> None:

@@ -45,7 +45,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -541,21 +541,21 @@ class Watcher:
         client = Redis(**_with_timeouts(_redis_settings() or {}), health_check_interval=10)
         pubsub = client.pubsub()
         try:
-            await asyncio.wait_for(pubsub.subscribe(PUBSUB_CHANNEL), TIMEOUT)
+            await within(TIMEOUT, pubsub.subscribe(PUBSUB_CHANNEL))
             # Subscribed first: whatever is recorded from now on wakes us.
             await self._step()
             wait = min(_SAFETY_INTERVAL, conf.REAUTHORIZE_INTERVAL or _SAFETY_INTERVAL)
             while self.streams:
-                await asyncio.wait_for(
-                    pubsub.get_message(ignore_subscribe_messages=True, timeout=wait),
+                await within(
                     wait + TIMEOUT,
+                    pubsub.get_message(ignore_subscribe_messages=True, timeout=wait),
                 )
                 await self._step()
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), TIMEOUT)  # type: ignore[no-untyped-call]
+                await within(TIMEOUT, pubsub.aclose())  # type: ignore[no-untyped-call]
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.aclose(), TIMEOUT)
+                await within(TIMEOUT, client.aclose())
 
     async def _step(self) -> None:
         await self._catch_up()
@@ -607,7 +607,19 @@ class Watcher:
 
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
         future = self.loop.run_in_executor(_executor(), func, *args)
-        return await asyncio.wait_for(future, TIMEOUT)
+        return await within(TIMEOUT, future)
+
+
+async def within(timeout: float, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, or ``TimeoutError`` after ``timeout`` seconds.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it returns the result of an
+    awaitable that finishes as the task is cancelled, swallowing the
+    cancellation. The watcher's task then polled on after its loop began to
+    shut down, and the shutdown (a server's, a test's) waited for it forever.
+    """
+    async with asyncio.timeout(timeout):
+        return await awaitable
 
 
 _current_lock = threading.Lock()
