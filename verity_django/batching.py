@@ -232,7 +232,7 @@ class Batch:
             return False
         internals.on_response_close(response, self.close)
         _collected.start()
-        weakref.finalize(response, _collected.put, self)
+        weakref.finalize(response, _put_collected, self)
         return True
 
 
@@ -251,6 +251,7 @@ class _CollectedBatches:
         self.queue: queue.SimpleQueue[Batch] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
+        self.pid = os.getpid()
 
     def start(self) -> None:
         # Started by the request, never by the finalizer: starting a thread
@@ -281,6 +282,8 @@ class _CollectedBatches:
         """At exit: deliver what is still queued, then publish it."""
         from verity_django import publishing
 
+        if os.getpid() != self.pid:
+            return  # a forked child's copy of the parent's queue: the parent delivers it
         while True:
             try:
                 batch = self.queue.get_nowait()
@@ -298,6 +301,10 @@ class _CollectedBatches:
 
 
 _collected = _CollectedBatches()
+
+
+def _put_collected(batch: Batch) -> None:
+    _collected.put(batch)
 
 
 def _forget_after_fork() -> None:
