@@ -274,9 +274,6 @@ class _CollectedBatches:
     def _run(self) -> None:
         while True:
             self._close(self.queue.get())
-            # Rarely needed, so it keeps no connection between batches (a
-            # test database could not be dropped while it did).
-            connections.close_all()
 
     def close_all(self) -> None:
         """At exit: deliver what is still queued, then publish it."""
@@ -298,6 +295,12 @@ class _CollectedBatches:
             batch.close()
         except Exception:
             logger.exception("verity_django: delivering a collected response's batch failed")
+        try:
+            # Rarely needed, so the thread keeps no connection between
+            # batches (a test database could not be dropped while it did).
+            connections.close_all()
+        except Exception:
+            logger.exception("verity_django: closing a database connection failed")
 
 
 _collected = _CollectedBatches()
