@@ -25,15 +25,16 @@ def _database_vendor_as_asked() -> None:
 
 @pytest.fixture(autouse=True)
 def _background_work_stays_in_its_test() -> Any:
-    # Publisher runs and position saves land before the next test's database
-    # exists; a retry is never carried into it. Storage reads a closed loop
-    # left running in the reader threads finish first too: on the shared-cache
-    # test database one still reading made the flush of a transactional test
-    # fail ("database table is locked").
-    from verity_django import positions, publishing
+    # Collected responses' batches, publisher runs and position saves land
+    # before the next test's database exists; a retry is never carried into
+    # it. Storage reads a closed loop left running in the reader threads
+    # finish first too: on the shared-cache test database one still reading
+    # made the flush of a transactional test fail ("database table is locked").
+    from verity_django import batching, positions, publishing
     from verity_django.storage import release_reader_connections
 
     yield
+    batching.deliver_collected(timeout=5)
     positions.writer.flush(timeout=5)
     publishing.reset()
     release_reader_connections(timeout=5)

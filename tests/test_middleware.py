@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -93,18 +94,28 @@ def test_a_response_collected_where_the_backlog_is_locked_still_publishes(
     # holding the publisher's backlog lock: delivering the batch right there
     # deadlocked that thread.
     middleware = DirectiveMiddleware(_creating(alice, lambda: JsonResponse({"ok": True})))
-    cycle: list[Any] = [middleware(_request())]
-    cycle.append(cycle)  # only the cyclic collector frees the response now
-    del cycle
+    response = middleware(_request())
+    collected = weakref.ref(response)
+    # Automatic collections off: only the collection below, in the thread
+    # that holds the lock, may free the response (a cycle refcounts never free).
+    gc.disable()
+    try:
+        cycle: list[Any] = [response]
+        cycle.append(cycle)
+        del response, cycle
 
-    def collect_holding_the_backlog_lock() -> None:
-        with publishing._publisher.lock:
-            gc.collect()
+        def collect_holding_the_backlog_lock() -> None:
+            with publishing._publisher.lock:
+                gc.collect()
 
-    collector = threading.Thread(target=collect_holding_the_backlog_lock, daemon=True)
-    collector.start()
-    collector.join(timeout=10)
+        collector = threading.Thread(target=collect_holding_the_backlog_lock, daemon=True)
+        assert collected() is not None
+        collector.start()
+        collector.join(timeout=10)
+    finally:
+        gc.enable()
     assert not collector.is_alive(), "the finalizer deadlocked its thread"
+    assert collected() is None
     wait_for(lambda: stored_seqs("global") == [1])
 
 

@@ -232,7 +232,7 @@ class Batch:
             return False
         internals.on_response_close(response, self.close)
         _collected.start()
-        weakref.finalize(response, _put_collected, self)
+        weakref.finalize(response, _put_collected, self, os.getpid())
         return True
 
 
@@ -248,7 +248,8 @@ class _CollectedBatches:
     """
 
     def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[Batch] = queue.SimpleQueue()
+        # Batches, and events a waiter puts behind them (see deliver_all).
+        self.queue: queue.SimpleQueue[Batch | threading.Event] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
@@ -265,7 +266,7 @@ class _CollectedBatches:
                 )
                 thread.start()
                 self.thread = thread
-                atexit.register(self.close_all)
+                atexit.register(self._at_exit)
 
     def put(self, batch: Batch) -> None:
         if not batch.closed:
@@ -273,27 +274,46 @@ class _CollectedBatches:
 
     def _run(self) -> None:
         while True:
-            self._close(self.queue.get())
+            item = self.queue.get()
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                self._close(item)
 
-    def close_all(self) -> None:
-        """At exit: deliver what is still queued, then publish it."""
+    def deliver_all(self, timeout: float) -> bool:
+        """Deliver what is queued now; True once it is, within ``timeout``."""
+        thread = self.thread
+        if thread is not None and thread.is_alive():
+            # In order: once the thread reaches this, it has delivered what
+            # was queued before, the batch it was delivering included.
+            reached = threading.Event()
+            self.queue.put(reached)
+            return reached.wait(timeout)
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return True
+            if not isinstance(item, threading.Event):
+                self._close(item)
+
+    def _at_exit(self) -> None:
         from verity_django import publishing
 
         if os.getpid() != self.pid:
             return  # a forked child's copy of the parent's queue: the parent delivers it
-        while True:
-            try:
-                batch = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            self._close(batch)
+        if not self.deliver_all(conf.FLUSH_TIMEOUT):
+            logger.error("verity_django: exiting with collected responses' batches not delivered")
+        # publishing's own exit flush may have run already.
         publishing.flush()
 
     @staticmethod
     def _close(batch: Batch) -> None:
         try:
             batch.close()
-        except Exception:
+        except BaseException:
+            # Even a receiver's SystemExit must not end the thread: every
+            # later batch would wait for it.
             logger.exception("verity_django: delivering a collected response's batch failed")
         try:
             # Rarely needed, so the thread keeps no connection between
@@ -306,8 +326,17 @@ class _CollectedBatches:
 _collected = _CollectedBatches()
 
 
-def _put_collected(batch: Batch) -> None:
-    _collected.put(batch)
+def _put_collected(batch: Batch, pid: int) -> None:
+    # A forked child collecting its copy of a parent's response: the parent
+    # delivers that batch.
+    if pid == os.getpid():
+        _collected.put(batch)
+
+
+def deliver_collected(timeout: float) -> bool:
+    """Deliver the batches of collected, never closed responses that still
+    wait (tests, before the next test's database); True once delivered."""
+    return _collected.deliver_all(timeout)
 
 
 def _forget_after_fork() -> None:
