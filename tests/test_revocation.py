@@ -283,6 +283,13 @@ async def test_the_watcher_never_swallows_a_cancellation() -> None:
     assert not await _swallows_a_cancellation(revocation.within)
 
 
+def test_the_package_never_bounds_a_wait_with_wait_for() -> None:
+    from pathlib import Path
+
+    package = Path(verity_django.__file__).parent
+    assert [p.name for p in package.glob("*.py") if "asyncio.wait_for(" in p.read_text()] == []
+
+
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12 rebuilt wait_for on asyncio.timeout")
 async def test_the_cancellation_check_catches_wait_for_on_python_3_11() -> None:
     assert await _swallows_a_cancellation(lambda timeout, read: asyncio.wait_for(read, timeout))

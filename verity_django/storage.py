@@ -186,9 +186,10 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
         from django_eventstream.models import Event as EventRow
 
         cutoff = timezone.now() - datetime.timedelta(seconds=conf.EVENT_RETENTION)
-        # The envelopes are committed by now: a trim that fails (a table
-        # locked by a reader, a lock timeout) must not make their append look
-        # failed, or the publisher would store them again. The next trim,
+        # The envelopes are stored by now (committed, or in the caller's own
+        # transaction): a trim that fails (a table locked by a reader, a lock
+        # timeout) must not make their append look failed, or the publisher
+        # would store them again. The next trim,
         # a minute on, deletes what this one left. Its own savepoint keeps an
         # enclosing transaction usable on PostgreSQL after the failure.
         try:
