@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from django.test import AsyncClient, override_settings
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from tests.database_faults import refuse_deletes
 from tests.test_stream import messages
 from verity_django import directives as d
 from verity_django import positions
@@ -267,6 +269,22 @@ def test_expired_positions_are_not_read_and_are_trimmed() -> None:
     positions._DatabasePositions._last_trim = 0.0
     store._maybe_trim(store_now())
     assert set(ReplayPosition.objects.values_list("key", flat=True)) == {"t:a", "t:c"}
+
+
+@pytest.mark.django_db
+def test_a_trim_that_fails_leaves_the_saves_counted_as_saved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from verity_django.models import ReplayPosition
+
+    store = positions._DatabasePositions()
+    positions._DatabasePositions._last_trim = time.monotonic()  # no trim yet
+    assert save(store, "t:a", "c 1 1:1", "c", True, -1)
+    refuse_deletes(ReplayPosition._meta.db_table)
+    positions._DatabasePositions._last_trim = 0.0
+    assert save(store, "t:b", "c 1 1:1", "c", True, 60)
+    assert set(ReplayPosition.objects.values_list("key", flat=True)) == {"t:a", "t:b"}
+    assert "trimming replay positions failed" in caplog.text
 
 
 def store_now() -> Any:

@@ -7,12 +7,12 @@ import json
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 from django_eventstream.models import Event as EventRow
 from django_eventstream.storage import EventDoesNotExist
 
+from tests.database_faults import refuse_deletes
 from verity_django.storage import DatabaseStorage
 
 pytestmark = pytest.mark.postgresql
@@ -83,20 +83,6 @@ def test_old_events_are_trimmed_and_a_stale_reader_is_told(
     assert [e.id for e in storage.get_events("verity.a", 1)] == [2]
 
 
-_REFUSE_DELETES = {
-    "sqlite": [
-        "CREATE TRIGGER refuse_deletes BEFORE DELETE ON django_eventstream_event"
-        " BEGIN SELECT RAISE(ABORT, 'deletes refused'); END"
-    ],
-    "postgresql": [
-        "CREATE FUNCTION refuse_deletes() RETURNS trigger LANGUAGE plpgsql"
-        " AS $$ BEGIN RAISE EXCEPTION 'deletes refused'; END $$",
-        "CREATE TRIGGER refuse_deletes BEFORE DELETE ON django_eventstream_event"
-        " FOR EACH ROW EXECUTE FUNCTION refuse_deletes()",
-    ],
-}
-
-
 @override_settings(VERITY={"EVENT_RETENTION": 60})
 def test_a_trim_that_fails_leaves_the_append_stored_once(
     db: Any, storage: DatabaseStorage, caplog: pytest.LogCaptureFixture
@@ -105,9 +91,7 @@ def test_a_trim_that_fails_leaves_the_append_stored_once(
     # table lock), and a failed append is stored again by the publisher.
     storage.append_sequenced("verity.a", "message", "", "")
     EventRow.objects.update(created=timezone.now() - datetime.timedelta(hours=1))
-    with connection.cursor() as cursor:
-        for statement in _REFUSE_DELETES[connection.vendor]:
-            cursor.execute(statement)
+    refuse_deletes(EventRow._meta.db_table)
     DatabaseStorage._last_trim = 0.0
     event = storage.append_sequenced("verity.a", "message", "", "")
     assert event.id == 2
