@@ -319,6 +319,26 @@ def redis_client(server: RedisServer) -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
 
 
+async def settled(
+    read: Callable[[], dict[str, int]], *, quiet: float = 0.5, timeout: float = 30
+) -> dict[str, int]:
+    """The counters ``read`` returns once they stop moving for ``quiet`` seconds.
+
+    A lone request's push copy is stored after its response was sent, so the
+    counters read as the last response arrives can still miss its envelope,
+    which a consumer then receives past them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = await asyncio.to_thread(read)
+    while True:
+        await asyncio.sleep(quiet)
+        again = await asyncio.to_thread(read)
+        if again == last:
+            return last
+        assert loop.time() < deadline, f"the counters never settled: {last} then {again}"
+        last = again
+
+
 def redis_counters(client: redis.Redis, audiences: Sequence[str]) -> dict[str, int]:
     values = client.mget([f"verity:counter:verity.{a}" for a in audiences])
     return {a: int(v) if v else 0 for a, v in zip(audiences, values, strict=True)}

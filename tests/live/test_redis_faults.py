@@ -37,6 +37,7 @@ from .scenarios import (
     redis_envelopes,
     run_burst,
     said_hello,
+    settled,
     wait_all,
 )
 from .sse import VerityConsumer
@@ -268,7 +269,7 @@ async def test_redis_restart_requests_answer_and_consumers_recover(
         before = mixed_mutations([alice, bob], projects, 10 * per_round, tag="before")
         await run_burst(mutator, before, concurrency=4)
         client = redis_client(redis_server)
-        final_before = redis_counters(client, audiences)
+        final_before = await settled(lambda: redis_counters(client, audiences))
         await wait_all(consumers, caught_up(final_before), timeout=30)
         resyncs_before = [len(c.resyncs) for c in consumers]
         log_before = len(worker.log_text())
@@ -297,7 +298,7 @@ async def test_redis_restart_requests_answer_and_consumers_recover(
         # that happens before the counters had time to catch up.
         after = mixed_mutations([alice, bob], projects, 3 * per_round, tag="after")
         await run_burst(mutator, after, concurrency=4)
-        final_after = redis_counters(client, audiences)
+        final_after = await settled(lambda: redis_counters(client, audiences))
         stored_after = {
             a: [envelope_key(a, e) for e in redis_envelopes(client, a, final_after[a]).values()]
             for a in audiences

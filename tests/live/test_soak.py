@@ -30,6 +30,7 @@ from .scenarios import (
     project_ids,
     rss_kib,
     said_hello,
+    settled,
     sqlite_counters,
     sqlite_envelopes,
     wait_all,
@@ -92,15 +93,7 @@ async def soak(asgi_server_factory: AsgiServerFactory, login: Login, seconds: fl
                 await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
         if in_flight:
             await asyncio.wait(in_flight)
-        # A lone request's push copy is stored after its response was sent:
-        # the counters are final once they stop moving.
-        final = sqlite_counters(worker, audiences)
-        while True:
-            await asyncio.sleep(0.5)
-            again = sqlite_counters(worker, audiences)
-            if again == final:
-                break
-            final = again
+        final = await settled(lambda: sqlite_counters(worker, audiences))
         await wait_all(consumers, caught_up(final), timeout=120)
         report.rss_kib.append((time.monotonic() - began, rss_kib(worker.pid)))
     finally:
@@ -135,14 +128,14 @@ async def soak(asgi_server_factory: AsgiServerFactory, login: Login, seconds: fl
     # Memory levels off: after the first third (warm-up), RSS grows by less
     # than a generous constant for the rest of the run.
     samples = report.rss_kib
-    settled = [kib for at, kib in samples if at >= seconds / 3]
-    assert settled, samples
-    assert max(settled) - settled[0] < 32 * 1024, samples
+    warm = [kib for at, kib in samples if at >= seconds / 3]
+    assert warm, samples
+    assert max(warm) - warm[0] < 32 * 1024, samples
     print(
         f"\nsoak {seconds:.0f}s: {report.mutations} mutations, envelopes {report.envelopes}, "
         f"{report.delivered} deliveries to {CONSUMERS} consumers, {echoes} echoes, "
         f"rss KiB first/settled-start/max/last "
-        f"{samples[0][1]}/{settled[0]}/{max(k for _, k in samples)}/{samples[-1][1]}"
+        f"{samples[0][1]}/{warm[0]}/{max(k for _, k in samples)}/{samples[-1][1]}"
     )
     return report
 

@@ -32,6 +32,7 @@ from .scenarios import (
     rss_kib,
     run_burst,
     said_hello,
+    settled,
     sqlite_counters,
     wait_all,
 )
@@ -160,7 +161,7 @@ async def test_stalled_consumers_do_not_hold_up_others_or_grow_memory(
                     )
                 else:
                     await run_burst(mutator, project_edits, concurrency=4)
-                counters = sqlite_counters(worker, audiences)
+                counters = await settled(lambda: sqlite_counters(worker, audiences))
                 await wait_all(readers, caught_up(counters), timeout=60)
                 rss[phase] = rss_kib(worker.pid)
                 queued[phase] = [

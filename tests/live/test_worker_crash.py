@@ -29,6 +29,7 @@ from .scenarios import (
     redis_envelopes,
     run_burst,
     said_hello,
+    settled,
     wait_all,
 )
 from .sse import VerityConsumer
@@ -103,7 +104,7 @@ async def test_worker_sigkill_mid_burst_loses_nothing_unnoticed(
             concurrency=2,
         )
         client = redis_client(redis_server)
-        final = redis_counters(client, audiences)
+        final = await settled(lambda: redis_counters(client, audiences))
         await wait_all(everyone, caught_up(final), timeout=60)
     finally:
         for consumer in everyone:
