@@ -139,13 +139,16 @@ def anyio_backend() -> str:
 
 
 async def connect(user: Any, client_id: str) -> tuple[AsyncClient, Any]:
+    # The test database is SQLite in memory, whose shared cache fails a
+    # concurrent writer at once instead of waiting as a file database does:
+    # no position save (a stream closed just before, this one's first) may
+    # overlap the login's session save.
+    await sync_to_async(positions.writer.flush)()
     client = AsyncClient()
     if user is not None:
         await sync_to_async(client.force_login)(user)
     response = await client.get(f"/api/events?client_id={client_id}")
     assert response.status_code == 200
-    # The test database is SQLite in memory, whose shared cache fails a
-    # concurrent writer at once instead of waiting as a file database does.
     await sync_to_async(positions.writer.flush)()
     return client, response.streaming_content  # type: ignore[attr-defined]
 
