@@ -461,23 +461,17 @@ class _DatabasePositions:
         return stored
 
     def _maybe_trim(self, now: datetime.datetime) -> None:
-        from django.db import DatabaseError, router, transaction
+        from django.db import router
 
         from verity_django.models import ReplayPosition
+        from verity_django.storage import trim
 
         clock = time.monotonic()
         if clock - _DatabasePositions._last_trim < _TRIM_EVERY:
             return
         _DatabasePositions._last_trim = clock
-        # The positions are saved by now: a failed trim must not count them as
-        # failed. The next trim deletes what this one left.
-        try:
-            with transaction.atomic(using=router.db_for_write(ReplayPosition)):
-                ReplayPosition.objects.filter(expires__lt=now).delete()
-        except DatabaseError as exc:
-            logger.warning(
-                "verity_django: trimming replay positions failed (%s); retrying later", exc
-            )
+        db = router.db_for_write(ReplayPosition)
+        trim(ReplayPosition.objects.using(db).filter(expires__lt=now), db, "replay positions")
 
     def recover(self) -> None:
         from django.db import connections

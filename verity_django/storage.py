@@ -186,19 +186,23 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
         from django_eventstream.models import Event as EventRow
 
         cutoff = timezone.now() - datetime.timedelta(seconds=conf.EVENT_RETENTION)
-        # The envelopes are stored by now (committed, or in the caller's own
-        # transaction): a trim that fails (a table locked by a reader, a lock
-        # timeout) must not make their append look failed, or the publisher
-        # would store them again. The next trim,
-        # a minute on, deletes what this one left. Its own savepoint keeps an
-        # enclosing transaction usable on PostgreSQL after the failure.
-        try:
-            with transaction.atomic(using=db):
-                EventRow.objects.using(db).filter(created__lt=cutoff).delete()
-        except DatabaseError as exc:
-            logger.warning(
-                "verity_django: trimming stored envelopes failed (%s); retrying later", exc
-            )
+        trim(EventRow.objects.using(db).filter(created__lt=cutoff), db, "stored envelopes")
+
+
+def trim(expired: Any, using: str, what: str) -> None:
+    """Delete the ``expired`` rows, housekeeping after a write: a failure (a
+    table locked by a reader, a lock timeout) is logged, never raised.
+
+    The write it follows is done (committed, or in the caller's own
+    transaction); raising would make it look failed, and the publisher would
+    store its envelopes again. The next trim deletes what this one left. Its
+    own savepoint keeps an enclosing transaction usable on PostgreSQL.
+    """
+    try:
+        with transaction.atomic(using=using):
+            expired.delete()
+    except DatabaseError as exc:
+        logger.warning("verity_django: trimming %s failed (%s); retrying later", what, exc)
 
 
 def _current_ids(channels: list[str]) -> dict[str, int]:
