@@ -277,8 +277,14 @@ class _CollectedBatches:
             item = self.queue.get()
             if isinstance(item, threading.Event):
                 item.set()
-            else:
-                self._close(item)
+                continue
+            self._close(item)
+            try:
+                # Rarely needed, so the thread keeps no connection between
+                # batches (a test database could not be dropped while it did).
+                connections.close_all()
+            except Exception:
+                logger.exception("verity_django: closing a database connection failed")
 
     def deliver_all(self, timeout: float) -> bool:
         """Deliver what is queued now; True once it is, within ``timeout``."""
@@ -315,12 +321,6 @@ class _CollectedBatches:
             # Even a receiver's SystemExit must not end the thread: every
             # later batch would wait for it.
             logger.exception("verity_django: delivering a collected response's batch failed")
-        try:
-            # Rarely needed, so the thread keeps no connection between
-            # batches (a test database could not be dropped while it did).
-            connections.close_all()
-        except Exception:
-            logger.exception("verity_django: closing a database connection failed")
 
 
 _collected = _CollectedBatches()
