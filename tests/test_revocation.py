@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 
 import verity_django
 from verity_django import directives as d
-from verity_django import revocation
+from verity_django import revocation, subscriptions
 from verity_django.publishing import publish_now
 from verity_django.storage import configured as storage
 
@@ -280,7 +280,7 @@ async def test_the_watcher_never_swallows_a_cancellation() -> None:
     # Its reads finish in a thread at any moment. One that finished as the
     # test's loop shut down kept the watcher polling, and the shutdown waited
     # for it forever (CI hung in this module).
-    assert not await _swallows_a_cancellation(revocation.within)
+    assert not await _swallows_a_cancellation(subscriptions.within)
 
 
 def test_the_package_never_bounds_a_wait_with_wait_for() -> None:

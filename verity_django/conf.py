@@ -302,7 +302,8 @@ class Settings:
     REDIS_TIMEOUT = Setting[float](
         1.0,
         (int, float),
-        "Connect and socket timeout, in seconds, of the Redis storage's client.",
+        "Connect and socket timeout, in seconds, of the Redis storage's client and of "
+        "the envelope subscription, which is replaced once a PING goes unanswered this long.",
         expected="a number of seconds",
         cast=float,
         condition=A_TIMEOUT,

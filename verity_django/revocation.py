@@ -45,7 +45,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -60,6 +60,7 @@ from django.utils.crypto import salted_hmac
 from verity_django import directives as d
 from verity_django.audiences import can_read, validate_audience
 from verity_django.conf import conf
+from verity_django.subscriptions import Subscription, within
 
 logger = logging.getLogger(__name__)
 
@@ -536,26 +537,14 @@ class Watcher:
             await asyncio.sleep(conf.POLL_INTERVAL)
 
     async def _follow_pubsub(self) -> None:
-        from redis.asyncio import Redis
-
-        client = Redis(**_with_timeouts(_redis_settings() or {}), health_check_interval=10)
-        pubsub = client.pubsub()
-        try:
-            await within(TIMEOUT, pubsub.subscribe(PUBSUB_CHANNEL))
+        details = _redis_settings() or {}
+        async with Subscription(details, PUBSUB_CHANNEL, timeout=TIMEOUT) as subscription:
             # Subscribed first: whatever is recorded from now on wakes us.
             await self._step()
             wait = min(_SAFETY_INTERVAL, conf.REAUTHORIZE_INTERVAL or _SAFETY_INTERVAL)
             while self.streams:
-                await within(
-                    wait + TIMEOUT,
-                    pubsub.get_message(ignore_subscribe_messages=True, timeout=wait),
-                )
+                await subscription.message(wait)
                 await self._step()
-        finally:
-            with contextlib.suppress(Exception):
-                await within(TIMEOUT, pubsub.aclose())  # type: ignore[no-untyped-call]
-            with contextlib.suppress(Exception):
-                await within(TIMEOUT, client.aclose())
 
     async def _step(self) -> None:
         await self._catch_up()
@@ -608,18 +597,6 @@ class Watcher:
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
         future = self.loop.run_in_executor(_executor(), func, *args)
         return await within(TIMEOUT, future)
-
-
-async def within(timeout: float, awaitable: Awaitable[T]) -> T:
-    """``awaitable``'s result, or ``TimeoutError`` after ``timeout`` seconds.
-
-    Not ``asyncio.wait_for``: on Python 3.11 it returns the result of an
-    awaitable that finishes as the task is cancelled, swallowing the
-    cancellation. The watcher's task then polled on after its loop began to
-    shut down, and the shutdown (a server's, a test's) waited for it forever.
-    """
-    async with asyncio.timeout(timeout):
-        return await awaitable
 
 
 _current_lock = threading.Lock()

@@ -40,6 +40,7 @@ from django_eventstream.event import Event
 
 from verity_django.conf import conf
 from verity_django.storage import PUBSUB_CHANNEL, configured, reader
+from verity_django.subscriptions import Subscription
 
 logger = logging.getLogger(__name__)
 
@@ -295,32 +296,38 @@ async def _run_redis_listener(manager: Any) -> None:
     # (a hello to 0, nothing missed) instead of a reset and a resync.
     settle = 0.0
     while True:
+        confirmed = asyncio.Event()
         try:
-            await _listen(manager, settle)
-            backoff = 0.5
+            await _listen(manager, settle, confirmed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.warning("verity_django: Redis subscription lost (%s); restarting", exc)
+        if confirmed.is_set():
+            backoff = 0.5
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, 5.0)
         settle = _RESUBSCRIBED_SETTLE
 
 
-async def _listen(manager: Any, settle: float) -> None:
+async def _listen(manager: Any, settle: float, confirmed: asyncio.Event) -> None:
     """Hand every message of the envelopes' pub/sub channel to this
     process's streams, as django-eventstream's listener does, and make them
-    re-read storage ``settle`` seconds after Redis confirmed the subscription."""
+    re-read storage ``settle`` seconds after Redis confirmed the subscription.
+
+    Raises once Redis falls silent (``REDIS_TIMEOUT``, see
+    :mod:`verity_django.subscriptions`): the next subscription's
+    confirmation makes every stream re-read what this one missed."""
     from django.conf import settings
-    from redis.asyncio import Redis
 
     details: dict[str, Any] = dict(settings.EVENTSTREAM_REDIS)
-    client = Redis(**details)
-    pubsub = client.pubsub()
-    try:
-        await pubsub.subscribe(PUBSUB_CHANNEL)
-        async for message in pubsub.listen():
+    async with Subscription(details, PUBSUB_CHANNEL, timeout=conf.REDIS_TIMEOUT) as subscription:
+        while True:
+            message = await subscription.message()
+            if message is None:
+                continue
             if message["type"] == "subscribe":
+                confirmed.set()
                 asyncio.get_running_loop().call_later(settle, _reread_all, manager)
                 # Any later confirmation follows redis-py's own reconnect.
                 settle = _RESUBSCRIBED_SETTLE
@@ -331,9 +338,6 @@ async def _listen(manager: Any, settle: float) -> None:
                     channel, published["event_type"], published["data"], id=published["pub_id"]
                 )
                 hand_to_listeners(manager, channel, [event])
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-        await client.aclose()
 
 
 def hand_to_listeners(manager: Any, channel: str, events: list[Event]) -> None:

@@ -155,6 +155,47 @@ async def test_envelopes_published_before_the_subscription_is_live_still_arrive(
         proxy.close()
 
 
+@pytest.mark.anyio
+async def test_a_subscription_whose_redis_falls_silent_is_replaced_and_nothing_is_missed(
+    asgi_server_factory: AsgiServerFactory, redis_server: RedisServer
+) -> None:
+    """The worker's pub/sub connection stays open while nothing Redis says
+    reaches it any more (a dead network path, a host gone without a reset):
+    the five envelopes published meanwhile are lost on the way, and no later
+    envelope shows the stream a gap. The worker must notice the silence
+    (a PING unanswered within ``REDIS_TIMEOUT``, 1 s), subscribe again once
+    Redis can be heard, and have the stream read the five from storage."""
+    proxy = CuttingProxy(redis_server.port)
+    try:
+        worker = asgi_server_factory(
+            env={
+                "VERITY_REDIS": redis_server.address,
+                "VERITY_REDIS_PUBSUB": f"{LOOPBACK}:{proxy.port}",
+            }
+        )
+        consumer = VerityConsumer(worker.base_url, audiences=["global"])
+        async with consumer:
+            await consumer.wait_for(said_hello, timeout=30)
+            start = consumer.hellos[0].last_seq
+            await asyncio.to_thread(
+                pump_envelopes, redis_server, "global", threading.Event(), limit=1, pause=0
+            )
+            await consumer.wait_for(caught_up({"global": start + 1}), timeout=30)
+            proxy.answers_muted.set()
+            await asyncio.to_thread(
+                pump_envelopes, redis_server, "global", threading.Event(), limit=5, pause=0
+            )
+            # Longer than a PING and its unanswered wait (2 x REDIS_TIMEOUT).
+            await asyncio.sleep(3)
+            assert consumer.received["global"] == [start + 1]
+            proxy.answers_muted.clear()
+            await consumer.wait_for(caught_up({"global": start + 6}), timeout=30)
+        assert consumer.received["global"] == list(range(start + 1, start + 7))
+        assert consumer.gaps == []
+    finally:
+        proxy.close()
+
+
 # --------------------------------------------------------------------------
 # Redis restarted (memory lost) with streams open
 # --------------------------------------------------------------------------
