@@ -73,6 +73,8 @@ class Batch:
     # _final_entries() until the next add(): the pull and the push copy read
     # the same batch one after the other.
     _final: list[_Entry] | None = None
+    # Set by close_after(): closes the batch if its response is collected unclosed.
+    _finalizer: weakref.finalize[Any, Any] | None = None
 
     def __post_init__(self) -> None:
         # Checked once here, so that stamping it on every directive need not.
@@ -213,6 +215,9 @@ class Batch:
         if self.closed:
             return
         self.closed = True
+        if self._finalizer is not None:
+            _collected.forget(self._finalizer)
+            self._finalizer = None
         if self._entries:
             from verity_django.publishing import deliver
 
@@ -232,7 +237,8 @@ class Batch:
             return False
         internals.on_response_close(response, self.close)
         _collected.start()
-        weakref.finalize(response, _put_collected, self, os.getpid())
+        self._finalizer = weakref.finalize(response, _put_collected, self, os.getpid())
+        _collected.watch(self._finalizer)
         return True
 
 
@@ -245,6 +251,13 @@ class _CollectedBatches:
     deadlock the thread, and would run ``directives_committed`` receivers
     at a random point. So the finalizer only puts the batch on a queue
     (``SimpleQueue.put`` is safe there) and this thread delivers it.
+
+    A response still alive at exit would be finalized by ``weakref``'s own
+    exit hook, which may run after this one has delivered what was queued
+    (hooks run in the reverse order of their registration, and any library
+    may have registered weakref's first). So these finalizers are taken off
+    weakref's exit list, kept in ``watched`` until their batch closes, and
+    run by :meth:`_at_exit` before it delivers.
     """
 
     def __init__(self) -> None:
@@ -253,6 +266,7 @@ class _CollectedBatches:
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
+        self.watched: set[weakref.finalize[Any, Any]] = set()
 
     def start(self) -> None:
         # Started by the request, never by the finalizer: starting a thread
@@ -267,6 +281,16 @@ class _CollectedBatches:
                 thread.start()
                 self.thread = thread
                 atexit.register(self._at_exit)
+
+    def watch(self, finalizer: weakref.finalize[Any, Any]) -> None:
+        finalizer.atexit = False
+        with self.lock:
+            self.watched.add(finalizer)
+
+    def forget(self, finalizer: weakref.finalize[Any, Any]) -> None:
+        finalizer.detach()
+        with self.lock:
+            self.watched.discard(finalizer)
 
     def put(self, batch: Batch) -> None:
         if not batch.closed:
@@ -308,6 +332,10 @@ class _CollectedBatches:
 
         if os.getpid() != self.pid:
             return  # a forked child's copy of the parent's queue: the parent delivers it
+        with self.lock:
+            alive, self.watched = self.watched, set()
+        for finalizer in alive:
+            finalizer()  # queues the batch of a response nobody closed
         if not self.deliver_all(conf.FLUSH_TIMEOUT):
             logger.error("verity_django: exiting with collected responses' batches not delivered")
         # publishing's own exit flush may have run already.

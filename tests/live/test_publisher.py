@@ -185,3 +185,53 @@ def test_a_script_exiting_while_redis_is_a_black_hole_exits_and_logs_what_it_los
     assert result.returncode == 0, result.stderr
     assert "could not store an envelope for audience 'global'" in result.stderr
     assert "exiting with 1 envelope(s) not published" in result.stderr
+
+
+_KEEP_A_RESPONSE_UNCLOSED = """
+import builtins, weakref
+
+class Early:
+    pass
+
+# weakref's exit hook registered before verity_django's, as any library
+# using weakref.finalize does: that hook runs last.
+early = Early()
+weakref.finalize(early, print)
+
+from django.contrib.auth import get_user_model
+from django.http import JsonResponse
+from django.test import RequestFactory
+from testproject.todos.models import Project
+from verity_django.middleware import DirectiveMiddleware
+
+owner = get_user_model().objects.create(username="exiting")
+
+def view(request):
+    Project.objects.create(name="kept unclosed", owner=owner)
+    return JsonResponse({})
+
+request = RequestFactory().post("/anything/")
+request.user = owner
+builtins.kept = DirectiveMiddleware(view)(request)  # alive, never closed, at exit
+"""
+
+_STORED_NAMES = """
+import json
+from verity_django.storage import configured
+events = configured().get_events("verity.global", 0)
+print(json.dumps([json.loads(e.data)["directives"] for e in events]))
+"""
+
+
+def test_a_response_alive_and_unclosed_at_exit_still_publishes(tmp_path: Any) -> None:
+    """A script that ends holding a response nobody closed (its batch waits
+    for the close): the batch is delivered before the process exits."""
+    env = {"VERITY_SQLITE_PATH": str(tmp_path / "db.sqlite3")}
+    run_manage("migrate", "--verbosity", "0", env=env, check=True)
+    # The subprocess timeouts only keep a hang from stalling the suite.
+    result = run_manage("shell", "-c", _KEEP_A_RESPONSE_UNCLOSED, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    stored = run_manage("shell", "-c", _STORED_NAMES, env=env, timeout=60, check=True)
+    # The last line: Django's shell may say first what it imported.
+    [directives] = json.loads(stored.stdout.strip().splitlines()[-1])
+    assert [x["name"] for x in directives] == ["projects"]
