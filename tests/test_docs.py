@@ -40,3 +40,27 @@ def test_documents_link_only_to_files_in_the_repository() -> None:
             if not resolved.is_relative_to(ROOT) or not resolved.exists():
                 broken.append(f"{document.relative_to(ROOT)} -> {target}")
     assert broken == []
+
+
+# A test the documents cite by name: `test_x`, `::test_x`, `file.py::test_x`,
+# or a family of them (`test_x_*`); not a module (`test_x.py`).
+_CITED_TEST = re.compile(r"(?<![\w/.])(test_[a-z0-9_]+)(?![\w.])(\*)?")
+_DEFINED_TEST = re.compile(r"^\s*(?:async )?def (test_\w+)", re.M)
+
+
+def test_every_test_the_documents_cite_exists() -> None:
+    defined: set[str] = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        defined |= set(_DEFINED_TEST.findall(path.read_text()))
+    missing: list[str] = []
+    for document in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        text = document.read_text()
+        # Examples the document defines itself (a user's own test).
+        examples = set(_DEFINED_TEST.findall(text))
+        for name, family in _CITED_TEST.findall(text):
+            if name in examples:
+                continue
+            found = any(x.startswith(name) for x in defined) if family else name in defined
+            if not found:
+                missing.append(f"{document.relative_to(ROOT)}: {name}{family}")
+    assert missing == [], "these tests were renamed or removed"
