@@ -74,7 +74,7 @@ class Batch:
     # the same batch one after the other.
     _final: list[_Entry] | None = None
     # Set by close_after(): closes the batch if its response is collected unclosed.
-    _finalizer: weakref.finalize[Any, Any] | None = None
+    _finalizer: weakref.finalize[Any, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Checked once here, so that stamping it on every directive need not.
