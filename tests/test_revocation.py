@@ -538,3 +538,32 @@ def test_a_proxy_that_cannot_be_told_is_counted_logged_and_raised(
     assert client.login(username="alice", password="alice-password")
     assert client.post("/api/auth/logout/").status_code == 204
     assert revocation.counters.grip_cuts_failed == failed + 2
+
+
+def test_waking_other_processes_gives_up_on_a_redis_that_never_answers(caplog: Any) -> None:
+    """``revoke()`` and every logout wake the other processes through Redis;
+    one that accepts and never answers must cost one ``REDIS_TIMEOUT``, not
+    redis-py's default retries (about a minute)."""
+    import socket
+    import threading
+
+    from django.test import override_settings
+
+    hole = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(hole.accept()[0]), daemon=True).start()
+    try:
+        port = hole.getsockname()[1]
+        with override_settings(
+            EVENTSTREAM_REDIS={"host": "127.0.0.1", "port": port}, VERITY={"REDIS_TIMEOUT": 0.2}
+        ):
+            waker = threading.Thread(target=revocation._wake_other_processes, daemon=True)
+            waker.start()
+            # Far more than one try (0.2 s), far less than the retries took.
+            waker.join(10)
+            assert not waker.is_alive(), "still waiting for the Redis that never answers"
+    finally:
+        hole.close()
+        for conn in held:
+            conn.close()
+    assert "could not wake other processes for a revocation" in caplog.text

@@ -307,20 +307,21 @@ _redis_lock = threading.Lock()
 
 
 def _sync_redis() -> Any:
+    """The client that wakes other processes: ``REDIS_TIMEOUT`` and one try,
+    like the storage's. redis-py's default retries made a ``revoke()`` or a
+    logout wait about a minute for a Redis that never answers."""
     import redis
 
+    from verity_django.storage import bounded_redis
+
     details = _redis_settings() or {}
-    key = repr(sorted(details.items()))
+    key = repr((conf.REDIS_TIMEOUT, sorted(details.items())))
     with _redis_lock:
         client = _redis_clients.get(key)
         if client is None:
-            client = redis.Redis(**_with_timeouts(details))
+            client = redis.Redis(**bounded_redis(dict(details)))
             _redis_clients[key] = client
     return client
-
-
-def _with_timeouts(details: dict[str, Any]) -> dict[str, Any]:
-    return {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT, **details}
 
 
 # --------------------------------------------------------------------------

@@ -832,7 +832,7 @@ EVENT_PREFIX = "verity:event:"
 TOKEN_PREFIX = "verity:appended:"
 
 
-def _bounded_redis(details: dict[str, Any]) -> dict[str, Any]:
+def bounded_redis(details: dict[str, Any]) -> dict[str, Any]:
     """redis-py waits forever on a server that accepts and never answers, and
     retries a timed-out command three times: give every command one bounded
     try unless the project's connection settings say otherwise."""
@@ -877,7 +877,7 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
             with RedisStorage._clients_lock:
                 found = RedisStorage._clients.get(key)
                 if found is None:
-                    client = redis.Redis(**_bounded_redis(deepcopy(details)))
+                    client = redis.Redis(**bounded_redis(deepcopy(details)))
                     found = (client, client.register_script(_APPEND_SCRIPT))
                     RedisStorage._clients[key] = found
         return found
