@@ -189,3 +189,47 @@ def test_a_counter_row_locked_elsewhere_fails_the_run_within_the_lock_timeout(
     assert EventCounter.objects.get(name="verity.global").value == 1
     [event] = storage.append_many("message", [Append("verity.global", "", "")])
     assert not isinstance(event, Exception) and event.id == 2
+
+
+def test_a_storage_read_that_meets_a_table_lock_fails_within_the_storage_timeout(
+    storage: DatabaseStorage,
+) -> None:
+    """The reader threads serve every stream's storage reads: one held by a
+    lock (a migration, VACUUM FULL) for as long as it lasts stalled them all."""
+    storage.append_many("message", [Append("verity.global", "", "")])
+    storage_module.release_reader_connections(5)  # the next read connects afresh
+    settings = connection.settings_dict
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_table() -> None:
+        with psycopg.connect(
+            dbname=settings["NAME"],
+            user=settings["USER"],
+            host=settings["HOST"],
+            port=settings["PORT"],
+            password=settings["PASSWORD"] or None,
+            connect_timeout=5,
+        ) as other:
+            other.execute("LOCK TABLE django_eventstream_eventcounter IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_table, daemon=True)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        with override_settings(VERITY={"STORAGE_TIMEOUT": 0.2}):
+            storage_module.release_reader_connections(5)
+            reading = storage_module.reader().submit(
+                storage_module.on_reader, storage.get_current_ids, ["verity.global"]
+            )
+            # Far longer than the timeout, far shorter than the lock is held.
+            with pytest.raises(DatabaseError) as caught:
+                reading.result(timeout=15)
+        timed_out = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
+        assert isinstance(caught.value.__cause__, timed_out)
+    finally:
+        release.set()
+        holder.join(10)
+    storage_module.release_reader_connections(5)
+    assert storage.get_current_ids(["verity.global"]) == {"verity.global": 1}

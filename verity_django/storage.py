@@ -365,6 +365,23 @@ def on_reader(func: Callable[..., T], *args: Any) -> T:
     return reader().submit(_reconnecting, func, *args).result()
 
 
+def bound_reader_session(*, connection: Any, **kwargs: Any) -> None:
+    """A ``connection_created`` receiver: a PostgreSQL connection of the
+    reader threads gets ``STORAGE_TIMEOUT`` as its statement and lock
+    timeouts, for its whole session. A read that meets a table lock (a
+    migration, ``VACUUM FULL``) then fails instead of holding the reader
+    thread, and with it every stream's storage read, for as long as the
+    lock lasts. Set once per connection, so a read costs no extra round
+    trip; the reader threads run nothing but storage reads."""
+    if connection.vendor != "postgresql":
+        return
+    if not threading.current_thread().name.startswith(_READER_PREFIX):
+        return
+    milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET lock_timeout = {milliseconds}; SET statement_timeout = {milliseconds}")
+
+
 def _reconnecting(func: Callable[..., T], *args: Any) -> T:
     try:
         return _retrying_shared_cache_locks(func, *args)
