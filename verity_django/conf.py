@@ -294,7 +294,8 @@ class Settings:
         1.0,
         (int, float),
         "Seconds an append waits for the database's write lock (SQLite busy timeout, "
-        "PostgreSQL lock and statement timeouts).",
+        "PostgreSQL lock and statement timeouts); on PostgreSQL, also the lock and "
+        "statement timeouts of the reader threads' storage reads.",
         expected="a number of seconds",
         cast=float,
         condition=A_TIMEOUT,
