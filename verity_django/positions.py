@@ -51,7 +51,7 @@ from django.http import HttpRequest
 
 from verity_django.clients import tag_for
 from verity_django.conf import conf
-from verity_django.storage import ConnectionRelease
+from verity_django.storage import ConnectionRelease, bounded_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ class _DatabasePositions:
         return on_reader(_load_rows, keys)
 
     def save_many(self, saves: list[Save]) -> int:
-        from django.db import connections, router, transaction
+        from django.db import connections, router
         from django.utils import timezone
 
         from verity_django.models import ReplayPosition
@@ -453,7 +453,7 @@ class _DatabasePositions:
             for save in saves
         ]
         stored = 0
-        with transaction.atomic(using=db), connection.cursor() as cursor:
+        with bounded_transaction(connection), connection.cursor() as cursor:
             for row in rows:
                 cursor.execute(sql, row)
                 stored += max(cursor.rowcount, 0)

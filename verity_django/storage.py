@@ -158,7 +158,7 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
             events = _append_on_postgresql(connection, db, event_type, appends)
         else:
             events = []
-            with _bounded(connection):
+            with bounded_transaction(connection):
                 for item in appends:
                     seq = _allocate(db, item, event_type, sequenced=True)
                     data = f"{item.head}{seq}{item.tail}"
@@ -199,7 +199,7 @@ def trim(expired: Any, using: str, what: str) -> None:
     own savepoint keeps an enclosing transaction usable on PostgreSQL.
     """
     try:
-        with transaction.atomic(using=using):
+        with bounded_transaction(connections[using]):
             expired.delete()
     except DatabaseError as exc:
         logger.warning("verity_django: trimming %s failed (%s); retrying later", what, exc)
@@ -438,7 +438,7 @@ def _allocate(db: str, item: Append, event_type: str, *, sequenced: bool) -> int
 
 
 @contextmanager
-def _bounded(connection: Any) -> Iterator[None]:
+def bounded_transaction(connection: Any) -> Iterator[None]:
     """One transaction whose wait for the database's write lock is bounded by
     ``STORAGE_TIMEOUT``: PostgreSQL's lock and statement timeouts (SQLite's
     busy timeout: :func:`_append_on_sqlite`).
@@ -675,7 +675,7 @@ def _append_on_postgresql(
                 events.append(failure)
                 continue
             try:
-                with _bounded(connection):
+                with bounded_transaction(connection):
                     seq = _allocate(db, item, event_type, sequenced=True)
             except Exception as exc:
                 failure = exc
