@@ -379,7 +379,9 @@ def bound_reader_session(*, connection: Any, **kwargs: Any) -> None:
         return
     milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
     with connection.cursor() as cursor:
-        cursor.execute(f"SET lock_timeout = {milliseconds}; SET statement_timeout = {milliseconds}")
+        # One statement each: a connection with server-side binding refuses two in one.
+        cursor.execute(f"SET lock_timeout = {milliseconds}")
+        cursor.execute(f"SET statement_timeout = {milliseconds}")
 
 
 def _reconnecting(func: Callable[..., T], *args: Any) -> T:
