@@ -380,8 +380,8 @@ def bound_reader_session(*, connection: Any, **kwargs: Any) -> None:
     milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
     with connection.cursor() as cursor:
         # One statement each: a connection with server-side binding refuses two in one.
-        cursor.execute(f"SET lock_timeout = {milliseconds}")
-        cursor.execute(f"SET statement_timeout = {milliseconds}")
+        for statement in _postgresql_timeout_settings(milliseconds, scope="SET"):
+            cursor.execute(statement)
 
 
 def _reconnecting(func: Callable[..., T], *args: Any) -> T:
@@ -462,7 +462,13 @@ def bounded_transaction(connection: Any) -> Iterator[None]:
 
 def _postgresql_timeouts(milliseconds: int) -> str:
     """The lock and statement timeouts for the rest of the transaction."""
-    return f"SET LOCAL lock_timeout = {milliseconds}; SET LOCAL statement_timeout = {milliseconds}"
+    return "; ".join(_postgresql_timeout_settings(milliseconds, scope="SET LOCAL"))
+
+
+def _postgresql_timeout_settings(milliseconds: int, *, scope: str) -> list[str]:
+    """``SET`` (the session) or ``SET LOCAL`` (the transaction) of the lock
+    and statement timeouts."""
+    return [f"{scope} {name} = {milliseconds}" for name in ("lock_timeout", "statement_timeout")]
 
 
 def _in_autocommit(connection: Any) -> bool:
