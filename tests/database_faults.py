@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
 from django.db import connection
 
 
@@ -23,3 +28,35 @@ def refuse_deletes(table: str) -> None:
     with connection.cursor() as cursor:
         for statement in statements:
             cursor.execute(statement)
+
+
+@contextmanager
+def held_elsewhere(statement: str, params: Sequence[Any] = ()) -> Iterator[None]:
+    """PostgreSQL: another connection runs ``statement`` in a transaction and
+    keeps the locks it took until the block ends."""
+    import psycopg
+
+    settings = connection.settings_dict
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with psycopg.connect(
+            dbname=settings["NAME"],
+            user=settings["USER"],
+            host=settings["HOST"],
+            port=settings["PORT"],
+            password=settings["PASSWORD"] or None,
+            connect_timeout=5,
+        ) as other:
+            other.execute(statement, params)
+            locked.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        yield
+    finally:
+        release.set()
+        holder.join(10)

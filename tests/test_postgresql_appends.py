@@ -5,7 +5,6 @@ all-or-nothing commit as Django's path, with the timeouts for the run only."""
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import psycopg
@@ -15,6 +14,7 @@ from django.test import override_settings
 from django_eventstream.models import Event as EventRow
 from django_eventstream.models import EventCounter
 
+from tests.database_faults import held_elsewhere
 from verity_django import storage as storage_module
 from verity_django.storage import Append, DatabaseStorage
 
@@ -154,38 +154,16 @@ def test_a_counter_row_locked_elsewhere_fails_the_run_within_the_lock_timeout(
     storage: DatabaseStorage,
 ) -> None:
     storage.append_many("message", [Append("verity.global", "", "")])
-    settings = connection.settings_dict
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_the_row() -> None:
-        with psycopg.connect(
-            dbname=settings["NAME"],
-            user=settings["USER"],
-            host=settings["HOST"],
-            port=settings["PORT"],
-            password=settings["PASSWORD"] or None,
-            connect_timeout=5,
-        ) as other:
-            other.execute(
-                "SELECT value FROM django_eventstream_eventcounter WHERE name = %s FOR UPDATE",
-                ["verity.global"],
-            )
-            locked.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_the_row, daemon=True)
-    holder.start()
-    try:
-        assert locked.wait(10)
+    with held_elsewhere(
+        "SELECT value FROM django_eventstream_eventcounter WHERE name = %s FOR UPDATE",
+        ["verity.global"],
+    ):
         with override_settings(VERITY={"STORAGE_TIMEOUT": 0.2}):
             with pytest.raises(DatabaseError) as caught:
                 storage.append_many("message", [Append("verity.global", "", "")])
         # Whichever of the two equal timeouts fires first.
         timed_out = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
         assert isinstance(caught.value.__cause__, timed_out)
-    finally:
-        release.set()
-        holder.join(10)
     assert EventCounter.objects.get(name="verity.global").value == 1
     [event] = storage.append_many("message", [Append("verity.global", "", "")])
     assert not isinstance(event, Exception) and event.id == 2

@@ -4,16 +4,15 @@ migration, ``VACUUM FULL``), instead of waiting for as long as the lock lasts.""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import psycopg
 import pytest
-from django.db import DatabaseError, connection
+from django.db import DatabaseError
 from django.test import override_settings
 
+from tests.database_faults import held_elsewhere
 from verity_django import positions
 from verity_django import storage as storage_module
 from verity_django.storage import Append, DatabaseStorage
@@ -26,33 +25,8 @@ pytestmark = [
 TIMED_OUT = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
 
 
-@contextmanager
-def table_locked(table: str) -> Iterator[None]:
-    """``table`` locked ACCESS EXCLUSIVE by another connection, until the block ends."""
-    settings = connection.settings_dict
-    locked, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with psycopg.connect(
-            dbname=settings["NAME"],
-            user=settings["USER"],
-            host=settings["HOST"],
-            port=settings["PORT"],
-            password=settings["PASSWORD"] or None,
-            connect_timeout=5,
-        ) as other:
-            other.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-            locked.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
-    try:
-        assert locked.wait(10)
-        yield
-    finally:
-        release.set()
-        holder.join(10)
+def table_locked(table: str) -> AbstractContextManager[None]:
+    return held_elsewhere(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
 
 
 def test_a_storage_read_that_meets_a_table_lock_fails_within_the_storage_timeout() -> None:

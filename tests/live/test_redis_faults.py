@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from liveservers.processes import LOOPBACK, RedisServer
+from liveservers.processes import LOOPBACK, AsgiServer, RedisServer
 from verity_django import directives as d
 
 from .conftest import AsgiServerFactory
@@ -120,6 +120,25 @@ async def test_fresh_redis_worker_streams_skip_nothing(
         assert consumer.received["global"] == list(range(hello + 1, final["global"] + 1))
 
 
+def pubsub_through(
+    proxy: CuttingProxy, asgi_server_factory: AsgiServerFactory, redis_server: RedisServer
+) -> AsgiServer:
+    """A worker whose storage talks to ``redis_server`` directly and whose
+    pub/sub connections go through ``proxy``."""
+    return asgi_server_factory(
+        env={
+            "VERITY_REDIS": redis_server.address,
+            "VERITY_REDIS_PUBSUB": f"{LOOPBACK}:{proxy.port}",
+        }
+    )
+
+
+async def publish_to_global(server: RedisServer, count: int) -> None:
+    await asyncio.to_thread(
+        pump_envelopes, server, "global", threading.Event(), limit=count, pause=0
+    )
+
+
 @pytest.mark.anyio
 async def test_envelopes_published_before_the_subscription_is_live_still_arrive(
     asgi_server_factory: AsgiServerFactory, redis_server: RedisServer
@@ -131,19 +150,12 @@ async def test_envelopes_published_before_the_subscription_is_live_still_arrive(
     proxy = CuttingProxy(redis_server.port)
     proxy.accepting.clear()
     try:
-        worker = asgi_server_factory(
-            env={
-                "VERITY_REDIS": redis_server.address,
-                "VERITY_REDIS_PUBSUB": f"{LOOPBACK}:{proxy.port}",
-            }
-        )
+        worker = pubsub_through(proxy, asgi_server_factory, redis_server)
         consumer = VerityConsumer(worker.base_url, audiences=["global"])
         async with consumer:
             await consumer.wait_for(said_hello, timeout=30)
             start = consumer.hellos[0].last_seq
-            await asyncio.to_thread(
-                pump_envelopes, redis_server, "global", threading.Event(), limit=5, pause=0
-            )
+            await publish_to_global(redis_server, 5)
             # Long enough for any fixed grace period after the subscribe call.
             await asyncio.sleep(1.5)
             assert consumer.received.get("global", []) == []
@@ -167,24 +179,15 @@ async def test_a_subscription_whose_redis_falls_silent_is_replaced_and_nothing_i
     Redis can be heard, and have the stream read the five from storage."""
     proxy = CuttingProxy(redis_server.port)
     try:
-        worker = asgi_server_factory(
-            env={
-                "VERITY_REDIS": redis_server.address,
-                "VERITY_REDIS_PUBSUB": f"{LOOPBACK}:{proxy.port}",
-            }
-        )
+        worker = pubsub_through(proxy, asgi_server_factory, redis_server)
         consumer = VerityConsumer(worker.base_url, audiences=["global"])
         async with consumer:
             await consumer.wait_for(said_hello, timeout=30)
             start = consumer.hellos[0].last_seq
-            await asyncio.to_thread(
-                pump_envelopes, redis_server, "global", threading.Event(), limit=1, pause=0
-            )
+            await publish_to_global(redis_server, 1)
             await consumer.wait_for(caught_up({"global": start + 1}), timeout=30)
             proxy.answers_muted.set()
-            await asyncio.to_thread(
-                pump_envelopes, redis_server, "global", threading.Event(), limit=5, pause=0
-            )
+            await publish_to_global(redis_server, 5)
             # Longer than a PING and its unanswered wait (2 x REDIS_TIMEOUT).
             await asyncio.sleep(3)
             assert consumer.received["global"] == [start + 1]
