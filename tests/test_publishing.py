@@ -402,16 +402,40 @@ def test_without_the_burst_rule_every_publish_is_stored_by_its_caller(
     assert recording.stored_by(threading.current_thread().name) == _BURST
 
 
-def test_publish_now_right_after_a_publish_is_still_stored_by_its_caller(
+def test_publish_now_is_stored_by_the_publisher_thread_after_what_came_before(
     recording: RecordingStorage,
 ) -> None:
-    """``publish_now`` waits for its envelope anyway: it never leaves it to
-    the publisher thread because of the burst rule."""
+    """``publish_now`` waits for its envelope within ``FLUSH_TIMEOUT``, which
+    a caller storing it itself could not keep (a database that never answers
+    its connect): the publisher thread stores it, in order."""
+    recording.release.set()
     _publish_alone("alone")
     published = publish_now("global", [d.refresh_collection("now")])
     assert published.seq == 2
     caller = threading.current_thread().name
-    assert recording.runs == [(caller, ["alone"]), (caller, ["now"])]
+    assert recording.runs == [(caller, ["alone"]), ("verity-publisher", ["now"])]
+
+
+@override_settings(VERITY={"FLUSH_TIMEOUT": 0.3})
+def test_waiting_for_a_storage_that_does_not_answer_ends_on_time(
+    recording: RecordingStorage,
+) -> None:
+    """The publisher thread's append hangs (``release`` is not set): the
+    waits end after ``FLUSH_TIMEOUT`` and say so. An envelope whose store was
+    tried may be stored, so it stays and goes out once the storage answers;
+    one that waited behind it is taken back, as its caller was told."""
+    with pytest.raises(TimeoutError, match=r"within 0\.3 s \(1 envelope\(s\) still wait, this one"):
+        publish_now("global", [d.refresh_collection("hung")])
+    assert recording.entered.is_set()
+    with pytest.raises(TimeoutError, match=r"within 0\.3 s \(1 envelope\(s\) still wait\)"):
+        publish_now("global", [d.refresh_collection("behind")])
+    publishing.publish("global", [d.refresh_collection("after")])
+    assert not publishing.flush()
+    assert counters.depth == 2
+    recording.release.set()
+    assert publishing.flush(timeout=5)
+    assert recording.stored_by("verity-publisher") == ["hung", "after"]
+    assert recording.seq == 2
 
 
 def test_a_burst_into_the_callers_database_stays_inline(

@@ -225,9 +225,14 @@ def publish_now(audience: str, items: Sequence[d.Directive]) -> Published:
     pending.waiter = waiter = threading.Event()
     _publisher.submit([pending], wait=True)
     if not waiter.wait(conf.FLUSH_TIMEOUT):
+        # Taken back unless a publisher holds it, so that what the caller is
+        # told (not published) stays true.
+        withdrawn = _publisher.withdraw(pending)
         raise TimeoutError(
             f"not published within {conf.FLUSH_TIMEOUT} s "
-            f"({counters.depth} envelope(s) still wait): {pending.error}"
+            f"({counters.depth} envelope(s) still wait"
+            + ("" if withdrawn else ", this one among them")
+            + f"): {pending.error or 'the storage did not answer'}"
         )
     if pending.event is None:
         raise RuntimeError(f"not published: {pending.error}")
@@ -321,6 +326,8 @@ class _Publisher:
         # Guards the backlog and counters only; never held across I/O.
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
+        # Notified whenever the backlog empties, for callers that wait on it.
+        self.drained = threading.Condition(self.lock)
         self.queue: collections.deque[_Pending] = collections.deque()
         # Seqs to skip per audience, for envelopes that were dropped.
         self.lost: dict[str, int] = {}
@@ -347,6 +354,7 @@ class _Publisher:
             self.publishing.release()
         with self.lock:
             self.queue.clear()
+            self.drained.notify_all()
             self.lost.clear()
             self.healthy = True
             self.retry_at = 0.0
@@ -362,11 +370,17 @@ class _Publisher:
             in_burst = time.monotonic() - self.last_returned < _BURST_GAP
         if overflow > 0:
             self._drop_oldest(overflow)
-        grouped = in_burst and not _shares_the_database()
-        inline = self.healthy and (wait or (conf.PUBLISH_INLINE and not grouped))
-        # Asked only when it decides something: it looks at every connection.
-        if not inline:
-            inline = _in_test_transaction()
+        if wait:
+            # A caller that waits does so within FLUSH_TIMEOUT, which it could
+            # not keep while storing itself: a database that accepts the
+            # connection and never answers holds a connect for ever.
+            inline = self._in_own_thread() or _in_test_transaction()
+        else:
+            grouped = in_burst and not _shares_the_database()
+            inline = self.healthy and conf.PUBLISH_INLINE and not grouped
+            # Asked only when it decides something: it looks at every connection.
+            if not inline:
+                inline = _in_test_transaction()
         if not inline:
             self._hand_rest_to_thread()
         elif self.publishing.acquire(blocking=False):
@@ -389,12 +403,27 @@ class _Publisher:
                     continue
                 self.queue.remove(item)
                 dropped.append(item)
+                if not self.queue:
+                    self.drained.notify_all()
                 if item.event is None:
                     self.lost[item.audience] = self.lost.get(item.audience, 0) + 1 + item.skip
         for item in dropped:
             item.error = OverflowError("dropped: the backlog is full")
             item.finish()
             self._count_lost(item.audience, f"the backlog holds {conf.BACKLOG_LIMIT}")
+
+    def withdraw(self, item: _Pending) -> bool:
+        """Take ``item`` off the backlog if no store of it was ever tried;
+        True if it is gone. Such an item holds no seq, neither its own nor
+        the skipped ones of dropped envelopes (a run hands those out), and
+        storage cannot hold it; a tried one may be stored already."""
+        with self.lock:
+            if item.busy or item.store_attempts or item not in self.queue:
+                return False
+            self.queue.remove(item)
+            if not self.queue:
+                self.drained.notify_all()
+            return True
 
     def lose(self, audience: str, why: str) -> None:
         with self.lock:
@@ -425,6 +454,11 @@ class _Publisher:
             self._ensure_thread()
             self.wake.notify()
 
+    def _in_own_thread(self) -> bool:
+        # An envelope_published receiver runs in the publisher thread, which
+        # cannot wait for itself.
+        return self.thread is threading.current_thread()
+
     def _ensure_thread(self) -> None:
         if self.thread is not None and self.thread.is_alive():
             return
@@ -452,6 +486,29 @@ class _Publisher:
                     self.wake.wait(_BACKOFF_FIRST)
 
     def flush(self, timeout: float) -> bool:
+        """Wait until the backlog is empty, at most ``timeout``.
+
+        The publisher thread does the I/O, so that the wait ends on time
+        whatever the storage does; only a test's transaction (whose
+        connection alone can write there) and the thread itself publish here.
+        """
+        if self._in_own_thread() or _in_test_transaction():
+            return self._publish_until_empty(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            self._hand_rest_to_thread()
+        except RuntimeError:
+            # No new thread can start once the interpreter is shutting down.
+            return self._publish_until_empty(timeout)
+        with self.lock:
+            while self.queue:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.drained.wait(left)
+            return True
+
+    def _publish_until_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
             with self.lock:
@@ -514,6 +571,8 @@ class _Publisher:
             with self.lock:
                 if self.queue and self.queue[0] is head:
                     self.queue.popleft()
+                    if not self.queue:
+                        self.drained.notify_all()
                 counters.published += 1
                 self.healthy = True
                 self.backoff = 0.0

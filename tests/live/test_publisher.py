@@ -187,6 +187,32 @@ def test_a_script_exiting_while_redis_is_a_black_hole_exits_and_logs_what_it_los
     assert "exiting with 1 envelope(s) not published" in result.stderr
 
 
+def test_a_command_whose_database_never_answers_gives_up_in_time_and_says_so(
+    hole_port: int,
+) -> None:
+    """``verity_emit`` waits ``FLUSH_TIMEOUT`` (5 s) for its envelope, then
+    fails with a clear error, even when the storage is a PostgreSQL that
+    accepts the connection and never answers (its OPTIONS set no
+    ``connect_timeout``, Django's default). Exiting waits once more for the
+    envelope still in flight, then says it was not published."""
+    hole = BlackHole(hole_port)
+    silent = f"postgres://verity:verity@{LOOPBACK}:{hole_port}/verity"
+    try:
+        # The subprocess timeout only keeps a hang from stalling the suite.
+        result = run_manage(
+            "verity_emit",
+            '{"op": "refresh_collection", "name": "todos"}',
+            env={"VERITY_DATABASE_URL": silent},
+            timeout=60,
+        )
+    finally:
+        hole.close()
+    assert result.returncode == 1, result.stderr
+    assert "Could not publish to 'global': not published within 5.0 s" in result.stderr
+    assert "exiting with 1 envelope(s) not published" in result.stderr
+    assert "Sent to audience" not in result.stdout
+
+
 _KEEP_A_RESPONSE_UNCLOSED = """
 import builtins, weakref
 
