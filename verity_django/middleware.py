@@ -91,6 +91,7 @@ class DirectiveMiddleware:
         finally:
             if not (_in_flight.leave() and opened.close_after(response)):
                 opened.close()
+            _forget_batch(request)
         assert response is not None
         return response
 
@@ -112,6 +113,7 @@ class DirectiveMiddleware:
                     await sync_to_async(opened.close)()
                 else:
                     opened.closed = True
+            _forget_batch(request)
         assert response is not None
         return response
 
@@ -178,6 +180,15 @@ class DirectiveMiddleware:
             return
         body["directives"] = pull.directives_for(request)
         response.content = json.dumps(body).encode()
+
+
+def _forget_batch(request: HttpRequest) -> None:
+    # A request is reference-cycle garbage (DRF's Request and its view point
+    # at each other), so whatever it holds waits for the cycle collector. The
+    # batch no longer needs it (a response closed later holds the batch
+    # itself), so it is freed when the request ends: W5 made the collector
+    # find 24 objects more per request, about a tenth more collections.
+    vars(request).pop("verity_batch", None)
 
 
 def _is_success(response: HttpResponseBase) -> bool:
