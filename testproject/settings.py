@@ -93,6 +93,9 @@ def _database() -> dict[str, object]:
         "PASSWORD": parts.password or "",
         "HOST": parts.hostname or "",
         "PORT": str(parts.port or ""),
+        # Without one, libpq waits for ever on a server that never answers
+        # (check verity_django.W024); 0 turns it off, as libpq reads it.
+        "OPTIONS": {"connect_timeout": int(os.environ.get("VERITY_DATABASE_CONNECT_TIMEOUT", "5"))},
     }
 
 

@@ -70,3 +70,59 @@ def test_redis_pubsub_needs_the_same_redis_storage() -> None:
 def test_middleware_is_required(settings: Any) -> None:
     settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "verity" not in m]
     assert [e.id for e in check_settings()] == ["verity_django.E010"]
+
+
+@pytest.fixture
+def storage_on_postgresql(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The storage's connection, seen by the check as PostgreSQL; its OPTIONS to edit."""
+    from django.db import connections
+
+    connection = connections["default"]
+    monkeypatch.setattr(connection, "vendor", "postgresql")
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    options: dict[str, Any] = {}
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", options)
+    return options
+
+
+@pytest.mark.parametrize(
+    ("options", "environment", "warned"),
+    [
+        ({}, None, True),
+        ({"connect_timeout": 0}, None, True),
+        ({"connect_timeout": "soon"}, None, True),
+        ({"connect_timeout": 5}, None, False),
+        ({"connect_timeout": "5"}, None, False),
+        ({}, "5", False),
+        ({}, "0", True),
+    ],
+)
+def test_a_postgresql_storage_without_a_connect_timeout_is_warned_about(
+    storage_on_postgresql: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    options: dict[str, Any],
+    environment: str | None,
+    warned: bool,
+) -> None:
+    storage_on_postgresql.update(options)
+    if environment is not None:
+        monkeypatch.setenv("PGCONNECT_TIMEOUT", environment)
+    found = [m for m in check_settings() if m.id == "verity_django.W024"]
+    assert bool(found) is warned
+    if found:
+        assert found[0].level == checks.WARNING
+        assert "DATABASES['default']" in found[0].msg
+        assert "'connect_timeout'" in (found[0].hint or "")
+
+
+def test_the_connect_timeout_check_looks_only_at_a_postgresql_database_storage(
+    storage_on_postgresql: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert "verity_django.W024" in ids()
+    assert "verity_django.W024" not in ids(
+        EVENTSTREAM_STORAGE_CLASS="verity_django.storage.RedisStorage"
+    )
+    from django.db import connections
+
+    monkeypatch.setattr(connections["default"], "vendor", "sqlite")
+    assert "verity_django.W024" not in ids()

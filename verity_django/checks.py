@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
         errors.extend(_check_value(setting, value))
     errors.extend(_check_eventstream())
     errors.extend(_check_grip())
+    errors.extend(_check_storage_connect_timeout())
     middleware: Sequence[str] = getattr(settings, "MIDDLEWARE", ()) or ()
     if _MIDDLEWARE not in middleware:
         errors.append(
@@ -164,5 +166,41 @@ def _check_grip() -> list[checks.CheckMessage]:
             hint="Give the proxy's signing key (Pushpin's sig_key) to GRIP_URL as "
             "'?key=...', or as 'key' in every GRIP_PROXIES entry.",
             id="verity_django.W023",
+        )
+    ]
+
+
+def _check_storage_connect_timeout() -> list[checks.CheckMessage]:
+    """Every I/O of publishing has a bound of its own except a PostgreSQL
+    connect: libpq waits for ever on a server that accepts the connection
+    and never answers, unless it is given a ``connect_timeout``. The
+    publisher thread, the storage readers and the positions writer then
+    hang, and with them every stream's storage read."""
+    if getattr(settings, "EVENTSTREAM_STORAGE_CLASS", None) != _STORAGES[0]:
+        return []
+    from django.db import connections, router
+    from django_eventstream.models import Event
+
+    alias = router.db_for_write(Event)
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        return []
+    timeout = connection.settings_dict.get("OPTIONS", {}).get("connect_timeout")
+    if timeout is None:
+        timeout = os.environ.get("PGCONNECT_TIMEOUT")
+    try:
+        bounded = timeout is not None and int(timeout) > 0
+    except (TypeError, ValueError):
+        bounded = False
+    if bounded:
+        return []
+    return [
+        checks.Warning(
+            f"DATABASES[{alias!r}], where verity_django stores envelopes, is PostgreSQL "
+            "without a connect timeout: a server that accepts connections and never "
+            "answers holds publishing and every stream's storage read for ever.",
+            hint=f"Set DATABASES[{alias!r}]['OPTIONS']['connect_timeout'] to a number of "
+            "seconds above 0, e.g. 5 (or PGCONNECT_TIMEOUT in the environment).",
+            id="verity_django.W024",
         )
     ]

@@ -192,9 +192,10 @@ def test_a_command_whose_database_never_answers_gives_up_in_time_and_says_so(
 ) -> None:
     """``verity_emit`` waits ``FLUSH_TIMEOUT`` (5 s) for its envelope, then
     fails with a clear error, even when the storage is a PostgreSQL that
-    accepts the connection and never answers (its OPTIONS set no
-    ``connect_timeout``, Django's default). Exiting waits once more for the
-    envelope still in flight, then says it was not published."""
+    accepts the connection and never answers and libpq has no
+    ``connect_timeout`` (Django's default, which check W024 warns about).
+    Exiting waits once more for the envelope still in flight, then says it
+    was not published."""
     hole = BlackHole(hole_port)
     silent = f"postgres://verity:verity@{LOOPBACK}:{hole_port}/verity"
     try:
@@ -202,12 +203,13 @@ def test_a_command_whose_database_never_answers_gives_up_in_time_and_says_so(
         result = run_manage(
             "verity_emit",
             '{"op": "refresh_collection", "name": "todos"}',
-            env={"VERITY_DATABASE_URL": silent},
+            env={"VERITY_DATABASE_URL": silent, "VERITY_DATABASE_CONNECT_TIMEOUT": "0"},
             timeout=60,
         )
     finally:
         hole.close()
     assert result.returncode == 1, result.stderr
+    assert "verity_django.W024" in result.stderr
     assert "Could not publish to 'global': not published within 5.0 s" in result.stderr
     assert "exiting with 1 envelope(s) not published" in result.stderr
     assert "Sent to audience" not in result.stdout
