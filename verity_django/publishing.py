@@ -225,8 +225,8 @@ def publish_now(audience: str, items: Sequence[d.Directive]) -> Published:
     pending.waiter = waiter = threading.Event()
     _publisher.submit([pending], wait=True)
     if not waiter.wait(conf.FLUSH_TIMEOUT):
-        # Taken back unless a publisher holds it, so that what the caller is
-        # told (not published) stays true.
+        # Taken back unless its store was tried (it may be stored already),
+        # so that what the caller is told (not published) stays true.
         withdrawn = _publisher.withdraw(pending)
         raise TimeoutError(
             f"not published within {conf.FLUSH_TIMEOUT} s "
