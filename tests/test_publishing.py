@@ -438,6 +438,53 @@ def test_waiting_for_a_storage_that_does_not_answer_ends_on_time(
     assert recording.seq == 2
 
 
+@override_settings(VERITY={"FLUSH_TIMEOUT": 2.0})
+def test_publish_now_from_a_receiver_waits_out_a_request_that_holds_the_token(
+    recording: RecordingStorage,
+) -> None:
+    """An ``envelope_published`` receiver runs in the publisher thread. If a
+    request holds the publishing token when the receiver calls
+    ``publish_now()``, the request leaves the rest to that same thread,
+    which must then publish it itself rather than wait for itself."""
+    recording.release.set()
+    in_receiver = threading.Event()
+    token_taken = threading.Event()
+    answered = threading.Event()
+    outcome: list[Any] = []
+
+    def chain(sender: Any, audience: str, seq: int, **kwargs: Any) -> None:
+        if audience != "global":
+            return
+        in_receiver.set()
+        assert token_taken.wait(5)
+        try:
+            outcome.append(publish_now("user-1", [d.refresh_collection("from-receiver")]))
+        except Exception as exc:
+            outcome.append(exc)
+        answered.set()
+
+    envelope_published.connect(chain, dispatch_uid="chain-now")
+    try:
+        publishing._publisher.submit(
+            [publishing._encode("global", [d.refresh_collection("first")], None)],  # type: ignore[list-item]
+            wait=True,
+        )
+        assert in_receiver.wait(5)
+        # A request holding the token, as while it publishes its own envelope.
+        assert publishing._publisher.publishing.acquire(timeout=5)
+        token_taken.set()
+        time.sleep(0.2)
+        publishing._publisher.publishing.release()
+        # Nobody else publishes until the receiver has its answer.
+        assert answered.wait(5)
+        assert publishing.flush(timeout=5)
+    finally:
+        envelope_published.disconnect(dispatch_uid="chain-now")
+    [published] = outcome
+    assert isinstance(published, publishing.Published), published
+    assert recording.stored_by("verity-publisher") == ["first", "from-receiver"]
+
+
 def test_a_burst_into_the_callers_database_stays_inline(
     recording: RecordingStorage, monkeypatch: Any
 ) -> None:

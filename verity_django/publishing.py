@@ -223,15 +223,32 @@ def publish_now(audience: str, items: Sequence[d.Directive]) -> Published:
     pending = _encode(audience, items, None, strict=True)
     assert pending is not None
     pending.waiter = waiter = threading.Event()
-    _publisher.submit([pending], wait=True)
-    if not waiter.wait(conf.FLUSH_TIMEOUT):
-        # Taken back unless its store was tried (it may be stored already),
-        # so that what the caller is told (not published) stays true.
-        withdrawn = _publisher.withdraw(pending)
+    try:
+        _publisher.submit([pending], wait=True)
+    except RuntimeError:
+        # No publisher thread can start (the interpreter is shutting down).
+        _publisher.withdraw(pending)
+        raise
+    deadline = time.monotonic() + conf.FLUSH_TIMEOUT
+    if _publisher.in_own_thread() and not waiter.is_set():
+        # An envelope_published receiver: a request that held the token when
+        # this was submitted left the rest to this very thread.
+        _publisher.flush(conf.FLUSH_TIMEOUT)
+    # Taken back unless its store was tried (it may be stored already), so
+    # that what the caller is told (not published) stays true. Off the
+    # backlog otherwise, it was published or dropped just now and is being
+    # finished, with no I/O left in between.
+    if (
+        not waiter.wait(max(0.0, deadline - time.monotonic()))
+        and not _publisher.withdraw(pending)
+        and not _publisher.holds(pending)
+    ):
+        waiter.wait(1.0)
+    if not waiter.is_set():
         raise TimeoutError(
             f"not published within {conf.FLUSH_TIMEOUT} s "
             f"({counters.depth} envelope(s) still wait"
-            + ("" if withdrawn else ", this one among them")
+            + (", this one among them" if _publisher.holds(pending) else "")
             + f"): {pending.error or 'the storage did not answer'}"
         )
     if pending.event is None:
@@ -347,6 +364,7 @@ class _Publisher:
     def reset(self) -> None:
         with self.lock:
             self.queue.clear()
+            self.drained.notify_all()
         # A run already handed to storage still lands: wait for it, so that it
         # cannot store an envelope into whatever comes next (the next test's
         # database).
@@ -373,8 +391,9 @@ class _Publisher:
         if wait:
             # A caller that waits does so within FLUSH_TIMEOUT, which it could
             # not keep while storing itself: a database that accepts the
-            # connection and never answers holds a connect for ever.
-            inline = self._in_own_thread() or _in_test_transaction()
+            # connection and never answers holds a connect for as long as the
+            # driver lets it (psycopg 3: 130 s; psycopg2: for ever).
+            inline = self.in_own_thread() or _in_test_transaction()
         else:
             grouped = in_burst and not _shares_the_database()
             inline = self.healthy and conf.PUBLISH_INLINE and not grouped
@@ -411,6 +430,10 @@ class _Publisher:
             item.error = OverflowError("dropped: the backlog is full")
             item.finish()
             self._count_lost(item.audience, f"the backlog holds {conf.BACKLOG_LIMIT}")
+
+    def holds(self, item: _Pending) -> bool:
+        with self.lock:
+            return item in self.queue
 
     def withdraw(self, item: _Pending) -> bool:
         """Take ``item`` off the backlog if no store of it was ever tried;
@@ -454,7 +477,7 @@ class _Publisher:
             self._ensure_thread()
             self.wake.notify()
 
-    def _in_own_thread(self) -> bool:
+    def in_own_thread(self) -> bool:
         # An envelope_published receiver runs in the publisher thread, which
         # cannot wait for itself.
         return self.thread is threading.current_thread()
@@ -492,7 +515,7 @@ class _Publisher:
         whatever the storage does; only a test's transaction (whose
         connection alone can write there) and the thread itself publish here.
         """
-        if self._in_own_thread() or _in_test_transaction():
+        if self.in_own_thread() or _in_test_transaction():
             return self._publish_until_empty(timeout)
         deadline = time.monotonic() + timeout
         try:
