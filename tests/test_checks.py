@@ -93,6 +93,8 @@ def storage_on_postgresql(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         ({"connect_timeout": "soon"}, None, True),
         ({"connect_timeout": 5}, None, False),
         ({"connect_timeout": "5"}, None, False),
+        ({"connect_timeout": "2.5"}, None, False),
+        ({"connect_timeout": "0.5"}, None, True),
         ({}, "5", False),
         ({}, "0", True),
     ],
@@ -126,3 +128,32 @@ def test_the_connect_timeout_check_looks_only_at_a_postgresql_database_storage(
 
     monkeypatch.setattr(connections["default"], "vendor", "sqlite")
     assert "verity_django.W024" not in ids()
+
+
+class _ElsewhereForReads:
+    """A router sending storage reads to an alias the project lacks."""
+
+    def db_for_read(self, model: Any, **hints: Any) -> str | None:
+        return "replica" if model._meta.app_label == "django_eventstream" else None
+
+
+def test_the_connect_timeout_check_skips_a_routed_alias_the_project_lacks(
+    storage_on_postgresql: dict[str, Any],
+) -> None:
+    """Reads routed elsewhere are checked too, but an alias missing from
+    DATABASES is another check's business: this one must not raise."""
+    router = f"{__name__}._ElsewhereForReads"
+    found = [m for m in _with(DATABASE_ROUTERS=[router]) if m.id == "verity_django.W024"]
+    assert [m.msg.split(",")[0] for m in found] == ["DATABASES['default']"]
+
+
+def _with(**settings: Any) -> list[checks.CheckMessage]:
+    from django.db import router
+
+    with override_settings(**settings):
+        # Django's router reads DATABASE_ROUTERS once and caches the routers.
+        router.__dict__.pop("routers", None)
+        try:
+            return check_settings()
+        finally:
+            router.__dict__.pop("routers", None)

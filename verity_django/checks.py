@@ -172,35 +172,49 @@ def _check_grip() -> list[checks.CheckMessage]:
 
 def _check_storage_connect_timeout() -> list[checks.CheckMessage]:
     """Every I/O of publishing has a bound of its own except a PostgreSQL
-    connect: libpq waits for ever on a server that accepts the connection
-    and never answers, unless it is given a ``connect_timeout``. The
-    publisher thread, the storage readers and the positions writer then
-    hang, and with them every stream's storage read."""
+    connect, which only the driver bounds: psycopg 3 gives up after 130 s
+    by default, psycopg2 never, on a server that accepts the connection and
+    never answers. The publisher thread, the storage readers and the
+    positions writer wait that long, and every stream's storage read with
+    them."""
     if getattr(settings, "EVENTSTREAM_STORAGE_CLASS", None) != _STORAGES[0]:
         return []
     from django.db import connections, router
-    from django_eventstream.models import Event
+    from django_eventstream.models import Event, EventCounter
 
-    alias = router.db_for_write(Event)
-    connection = connections[alias]
-    if connection.vendor != "postgresql":
-        return []
-    timeout = connection.settings_dict.get("OPTIONS", {}).get("connect_timeout")
+    from verity_django.models import ReplayPosition
+
+    aliases = {
+        router.db_for_write(Event),
+        router.db_for_read(EventCounter),
+        router.db_for_write(ReplayPosition),
+    }
+    warnings: list[checks.CheckMessage] = []
+    for alias in sorted(a for a in aliases if a in connections.settings):
+        if connections[alias].vendor != "postgresql" or _connect_is_bounded(
+            connections[alias].settings_dict.get("OPTIONS", {})
+        ):
+            continue
+        warnings.append(
+            checks.Warning(
+                f"DATABASES[{alias!r}], which verity_django stores envelopes or positions "
+                "in, is PostgreSQL without a connect timeout: a server that accepts "
+                "connections and never answers holds publishing and the streams' storage "
+                "reads at each connect (psycopg 3: 130 s; psycopg2: for ever).",
+                hint=f"Set DATABASES[{alias!r}]['OPTIONS']['connect_timeout'] to a number of "
+                "seconds above 0, e.g. 5 (or PGCONNECT_TIMEOUT in the environment).",
+                id="verity_django.W024",
+            )
+        )
+    return warnings
+
+
+def _connect_is_bounded(options: dict[str, Any]) -> bool:
+    timeout = options.get("connect_timeout")
     if timeout is None:
         timeout = os.environ.get("PGCONNECT_TIMEOUT")
     try:
-        bounded = timeout is not None and int(timeout) > 0
+        # As libpq and psycopg read it: whole seconds, 0 or less for none.
+        return timeout is not None and int(float(timeout)) > 0
     except (TypeError, ValueError):
-        bounded = False
-    if bounded:
-        return []
-    return [
-        checks.Warning(
-            f"DATABASES[{alias!r}], where verity_django stores envelopes, is PostgreSQL "
-            "without a connect timeout: a server that accepts connections and never "
-            "answers holds publishing and every stream's storage read for ever.",
-            hint=f"Set DATABASES[{alias!r}]['OPTIONS']['connect_timeout'] to a number of "
-            "seconds above 0, e.g. 5 (or PGCONNECT_TIMEOUT in the environment).",
-            id="verity_django.W024",
-        )
-    ]
+        return False

@@ -192,9 +192,9 @@ def test_a_command_whose_database_never_answers_gives_up_in_time_and_says_so(
 ) -> None:
     """``verity_emit`` waits ``FLUSH_TIMEOUT`` (5 s) for its envelope, then
     fails with a clear error, even when the storage is a PostgreSQL that
-    accepts the connection and never answers and libpq has no
-    ``connect_timeout`` (Django's default, which check W024 warns about).
-    Exiting waits once more for the envelope still in flight, then says it
+    accepts the connection and never answers and no ``connect_timeout`` is
+    set (Django's default, which check W024 warns about; psycopg 3 then
+    waits 130 s per connect). Exiting waits once more for the envelope still in flight, then says it
     was not published."""
     hole = BlackHole(hole_port)
     silent = f"postgres://verity:verity@{LOOPBACK}:{hole_port}/verity"
