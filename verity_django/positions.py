@@ -293,14 +293,8 @@ class Writer:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every submitted position is saved (for tests and shutdown)."""
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending or self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-        return True
+            return self._cond.wait_for(lambda: not (self._pending or self._busy), timeout)
 
     def release_connections(self, timeout: float) -> bool:
         """Have the thread, if running, close its database connections (it

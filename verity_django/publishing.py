@@ -524,12 +524,9 @@ class _Publisher:
             # No new thread can start once the interpreter is shutting down.
             return self._publish_until_empty(timeout)
         with self.lock:
-            while self.queue:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.drained.wait(left)
-            return True
+            return self.drained.wait_for(
+                lambda: not self.queue, max(0.0, deadline - time.monotonic())
+            )
 
     def _publish_until_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
