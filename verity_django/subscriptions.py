@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -83,6 +83,12 @@ class Subscription:
             if closing is not None:
                 with contextlib.suppress(Exception):
                     await within(self.timeout, closing.aclose())
+
+    @overload
+    async def message(self, wait: None = None) -> dict[str, Any]: ...
+
+    @overload
+    async def message(self, wait: float) -> dict[str, Any] | None: ...
 
     async def message(self, wait: float | None = None) -> dict[str, Any] | None:
         """The next message (redis-py's dict: ``subscribe`` confirmations

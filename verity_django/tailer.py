@@ -324,8 +324,6 @@ async def _listen(manager: Any, settle: float, confirmed: asyncio.Event) -> None
     async with Subscription(details, PUBSUB_CHANNEL, timeout=conf.REDIS_TIMEOUT) as subscription:
         while True:
             message = await subscription.message()
-            if message is None:
-                continue
             if message["type"] == "subscribe":
                 confirmed.set()
                 asyncio.get_running_loop().call_later(settle, _reread_all, manager)
