@@ -544,18 +544,17 @@ def test_waking_other_processes_gives_up_on_a_redis_that_never_answers(caplog: A
     """``revoke()`` and every logout wake the other processes through Redis;
     one that accepts and never answers must cost one ``REDIS_TIMEOUT``, not
     redis-py's default retries (about a minute)."""
-    import socket
     import threading
 
     from django.test import override_settings
 
-    hole = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-    threading.Thread(target=lambda: held.append(hole.accept()[0]), daemon=True).start()
+    from tests.black_hole import BlackHole
+
+    hole = BlackHole()
     try:
-        port = hole.getsockname()[1]
         with override_settings(
-            EVENTSTREAM_REDIS={"host": "127.0.0.1", "port": port}, VERITY={"REDIS_TIMEOUT": 0.2}
+            EVENTSTREAM_REDIS={"host": "127.0.0.1", "port": hole.port},
+            VERITY={"REDIS_TIMEOUT": 0.2},
         ):
             waker = threading.Thread(target=revocation._wake_other_processes, daemon=True)
             waker.start()
@@ -564,6 +563,4 @@ def test_waking_other_processes_gives_up_on_a_redis_that_never_answers(caplog: A
             assert not waker.is_alive(), "still waiting for the Redis that never answers"
     finally:
         hole.close()
-        for conn in held:
-            conn.close()
     assert "could not wake other processes for a revocation" in caplog.text

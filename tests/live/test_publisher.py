@@ -9,8 +9,6 @@ back, every envelope is stored exactly once, in seq order.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,6 +17,7 @@ import httpx
 import pytest
 
 from liveservers.processes import LOOPBACK, RedisServer, free_port, run_manage
+from tests.black_hole import BlackHole
 
 from .conftest import AsgiServerFactory
 from .sse import VerityConsumer
@@ -28,29 +27,6 @@ pytestmark = pytest.mark.anyio
 Login = Callable[[str, str, str], httpx.Cookies]
 # A mutation may wait out one transport timeout (1 s by default), never more.
 ANSWER_WITHIN = 2.0
-
-
-class BlackHole:
-    """Accepts TCP connections, reads whatever comes, never answers."""
-
-    def __init__(self, port: int) -> None:
-        self.listener = socket.create_server((LOOPBACK, port))
-        self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.listener.close()
-        for conn in self.held:
-            conn.close()
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import redis
 
-from liveservers.processes import LOOPBACK, RedisServer, free_port
+from liveservers.processes import LOOPBACK, RedisServer
+from tests.black_hole import BlackHole
 from verity_django.subscriptions import Subscription, SubscriptionSilent, within
 
 from .proxy import CuttingProxy
-from .test_publisher import BlackHole
 
 pytestmark = pytest.mark.anyio
 
@@ -55,11 +55,10 @@ async def test_a_redis_whose_answers_stop_arriving_is_called_silent(
 
 
 async def test_a_listener_that_never_answers_fails_the_subscription() -> None:
-    hole = BlackHole(free_port())
+    hole = BlackHole()
     try:
-        port = hole.listener.getsockname()[1]
         with pytest.raises((SubscriptionSilent, redis.RedisError, TimeoutError)):
-            async with Subscription(details(port), "news", timeout=TIMEOUT) as subscription:
+            async with Subscription(details(hole.port), "news", timeout=TIMEOUT) as subscription:
                 await within(NEVER, subscription.message())
     finally:
         hole.close()
