@@ -189,6 +189,28 @@ def session_members(session_id: int) -> list[int]:
     return members
 
 
+def descendants(pids: list[int]) -> list[int]:
+    """``pids`` and every live process below them (Linux /proc), parents
+    first: PostgreSQL's backends, for one, leave the postmaster's session."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop(0)
+        if pid not in found:
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
 class _Identity(TypedDict, total=False):
     user: int
     group: int
@@ -405,6 +427,22 @@ class ManagedProcess:
     def kill(self) -> None:
         """SIGKILL every process of the server, keeping the temp dir (``start()`` may follow)."""
         self._terminate(signal.SIGKILL, 10)
+
+    def pause(self) -> None:
+        """SIGSTOP every process of the server and below it: it keeps its
+        connections open and answers nothing on them, as a hung server or a
+        lost host does (the kernel still acknowledges what is sent)."""
+        self._signal_tree(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT what ``pause()`` stopped."""
+        self._signal_tree(signal.SIGCONT)
+
+    def _signal_tree(self, sig: signal.Signals) -> None:
+        assert self.process is not None, f"{self.name} is not running"
+        for pid in descendants(session_members(self.process.pid) or [self.process.pid]):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
 
     def restart(self) -> Self:
         """Stop and start again on the same port(s), keeping the temp dir."""

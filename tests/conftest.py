@@ -31,7 +31,7 @@ def _background_work_stays_in_its_test() -> Any:
     # finish first too: on the shared-cache test database one still reading
     # made the flush of a transactional test fail ("database table is locked").
     from verity_django import batching, positions, publishing
-    from verity_django.storage import release_reader_connections
+    from verity_django.readers import release_reader_connections
 
     yield
     batching.deliver_collected(timeout=5)

@@ -13,8 +13,7 @@ from django.db import DatabaseError
 from django.test import override_settings
 
 from tests.database_faults import held_elsewhere
-from verity_django import positions
-from verity_django import storage as storage_module
+from verity_django import positions, readers
 from verity_django.storage import Append, DatabaseStorage
 
 pytestmark = [
@@ -36,15 +35,15 @@ def test_a_storage_read_that_meets_a_table_lock_fails_within_the_storage_timeout
     storage.append_many("message", [Append("verity.global", "", "")])
     with table_locked("django_eventstream_eventcounter"):
         with override_settings(VERITY={"STORAGE_TIMEOUT": 0.2}):
-            storage_module.release_reader_connections(5)  # the next read connects afresh
-            reading = storage_module.reader().submit(
-                storage_module.on_reader, storage.get_current_ids, ["verity.global"]
+            readers.release_reader_connections(5)  # the next read connects afresh
+            reading = readers.readers().submit(
+                readers.on_reader, storage.get_current_ids, ["verity.global"]
             )
             # Far longer than the timeout, far shorter than the lock is held.
             with pytest.raises(DatabaseError) as caught:
                 reading.result(timeout=15)
         assert isinstance(caught.value.__cause__, TIMED_OUT)
-    storage_module.release_reader_connections(5)
+    readers.release_reader_connections(5)
     assert storage.get_current_ids(["verity.global"]) == {"verity.global": 1}
 
 

@@ -91,19 +91,19 @@ def test_background_threads_let_go_of_the_test_database() -> None:
 
     import verity_django
     from verity_django import directives as d
-    from verity_django import positions, publishing, storage
+    from verity_django import positions, publishing, readers
     from verity_django.conf import conf
 
     # Every reader thread, the publisher thread and the positions writer
     # open a connection of their own, as streams and publishing outside a
     # test transaction make them do.
-    barrier = threading.Barrier(storage._READER_THREADS, timeout=5)
+    barrier = threading.Barrier(readers.THREADS, timeout=5)
 
     def connect() -> None:
         connections["default"].ensure_connection()
         barrier.wait()
 
-    for task in [storage.reader().submit(connect) for _ in range(storage._READER_THREADS)]:
+    for task in [readers.readers().submit(connect) for _ in range(readers.THREADS)]:
         task.result(timeout=5)
     published = publishing.counters.published
     with override_settings(VERITY={"PUBLISH_INLINE": False}):
@@ -113,7 +113,7 @@ def test_background_threads_let_go_of_the_test_database() -> None:
     positions.writer.submit("verity-test", "", "connection-1", False, 60.0)
     assert positions.writer.flush(timeout=5)
     opened = _other_sessions()
-    assert opened >= storage._READER_THREADS + 2
+    assert opened >= readers.THREADS + 2
 
     assert release_database_connections(timeout=5)
     wait_for(lambda: _other_sessions() == 0, timeout=5)

@@ -77,6 +77,22 @@ def test_post_is_not_allowed(client: Client) -> None:
     assert client.post("/api/events").status_code == 405
 
 
+def test_a_stream_whose_storage_fails_is_a_503_to_retry(
+    client: Client, db: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.db import connection
+
+    # A real failure of the database: within the test's transaction, which
+    # the storage read runs in, the counter table is gone.
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE django_eventstream_eventcounter RENAME TO counter_gone")
+    response = client.get("/api/events?audience=global")
+    assert response.status_code == 503
+    assert response["Retry-After"] == "2"
+    assert response.json() == {"detail": "The event storage is not answering; try again shortly."}
+    assert "a stream could not open: its storage read failed" in caplog.text
+
+
 def envelope(seq: int, origin: str | None = None, audience: str = "global") -> str:
     head, tail = envelopes.parts(audience, [d.refresh_collection("todos")], origin)
     return f"event: message\nid: verity.{audience}:{seq}\ndata: {head}{seq}{tail}\n\n"

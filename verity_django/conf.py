@@ -295,7 +295,8 @@ class Settings:
         (int, float),
         "Seconds an append waits for the database's write lock (SQLite busy timeout, "
         "PostgreSQL lock and statement timeouts); on PostgreSQL, also the lock and "
-        "statement timeouts of the reader threads' storage reads.",
+        "statement timeouts of the reader threads' storage reads. A storage read still "
+        "unanswered after this and as long again (at least a second more) is given up on.",
         expected="a number of seconds",
         cast=float,
         condition=A_TIMEOUT,

@@ -408,7 +408,7 @@ class _DatabasePositions:
     _last_trim = 0.0
 
     def load(self, keys: list[str]) -> dict[str, str]:
-        from verity_django.storage import on_reader
+        from verity_django.readers import on_reader
 
         return on_reader(_load_rows, keys)
 

@@ -19,21 +19,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, cast
 
 from django.conf import settings
 from django.core.signals import setting_changed
 from django.db import (
     DatabaseError,
     IntegrityError,
-    OperationalError,
     connections,
     router,
     transaction,
@@ -43,10 +40,11 @@ from django.utils import timezone
 from django_eventstream.event import Event
 from django_eventstream.storage import EventDoesNotExist, StorageBase
 
+from verity_django import readers
 from verity_django.conf import conf
+from verity_django.readers import on_reader
 
 _TRIM_EVERY = 60.0
-T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
@@ -114,6 +112,11 @@ class SequencedStorage(Protocol):
 
     def get_current_id(self, channel: str) -> int: ...
 
+    @property
+    def failures(self) -> tuple[type[Exception], ...]:
+        """What its reads raise when the storage itself fails."""
+        ...
+
 
 class DatabaseStorage(StorageBase):  # type: ignore[misc]
     """Events in django-eventstream's own tables, one query-light row each.
@@ -168,6 +171,10 @@ class DatabaseStorage(StorageBase):  # type: ignore[misc]
 
     def get_current_id(self, channel: str) -> int:
         return self.get_current_ids([channel])[channel]
+
+    @property
+    def failures(self) -> tuple[type[Exception], ...]:
+        return (DatabaseError,)
 
     def get_current_ids(self, channels: Iterable[str]) -> dict[str, int]:
         return on_reader(_current_ids, list(channels))
@@ -255,17 +262,6 @@ def _events_after(channel: str, last_id: int, limit: int) -> list[Event]:
     return [Event(channel, kind, data, id=eid) for eid, kind, data in rows]
 
 
-# Under ASGI every request runs in a thread of its own, and an SSE request
-# keeps that thread for as long as the stream lives. A database connection
-# opened there stays with the stream too (about 60 KiB per idle stream on
-# SQLite, measured by bench M1), so every stream of a process reads storage
-# through these few threads instead, each holding one connection.
-_READER_THREADS = 2
-_reader: ThreadPoolExecutor | None = None
-_reader_lock = threading.Lock()
-_READER_PREFIX = "verity-storage"
-
-
 # Set in an SSE stream's context. django-eventstream re-checks every channel
 # (the AUTHORIZE hook, which may query the database) in the stream's own
 # thread on each storage re-read; a connection opened there would stay with
@@ -279,36 +275,6 @@ def release_stream_connections() -> None:
     for connection in connections.all(initialized_only=True):
         if not connection.in_atomic_block:
             connection.close()
-
-
-def reader() -> ThreadPoolExecutor:
-    global _reader
-    with _reader_lock:
-        if _reader is None:
-            _reader = ThreadPoolExecutor(_READER_THREADS, thread_name_prefix=_READER_PREFIX)
-        return _reader
-
-
-def release_reader_connections(timeout: float) -> bool:
-    """Have every reader thread close its database connections, which it
-    reopens on its next read; True once all have. A test database cannot
-    be dropped while they stay open (PostgreSQL: "being accessed by other
-    users")."""
-    with _reader_lock:
-        executor = _reader
-    if executor is None:
-        return True
-    # Each task waits, after closing, until all have started, so no thread
-    # can take two of them.
-    barrier = threading.Barrier(_READER_THREADS, timeout=timeout)
-    tasks = [executor.submit(_close_then_wait, barrier) for _ in range(_READER_THREADS)]
-    done, late = futures_wait(tasks, timeout)
-    return not late and all(task.exception() is None for task in done)
-
-
-def _close_then_wait(barrier: threading.Barrier) -> None:
-    connections.close_all()
-    barrier.wait()
 
 
 class ConnectionRelease:
@@ -346,25 +312,6 @@ class ConnectionRelease:
             released.set()
 
 
-def in_open_transaction() -> bool:
-    """Whether this thread has a transaction open on any database."""
-    return any(c.in_atomic_block for c in connections.all(initialized_only=True))
-
-
-def on_reader(func: Callable[..., T], *args: Any) -> T:
-    """Run a storage read on the shared reader threads and wait for it.
-
-    A caller inside a transaction reads on its own connection: only that
-    connection sees what the transaction wrote (and in a TestCase,
-    everything the test wrote).
-    """
-    if in_open_transaction():
-        return func(*args)
-    if threading.current_thread().name.startswith(_READER_PREFIX):
-        return _reconnecting(func, *args)
-    return reader().submit(_reconnecting, func, *args).result()
-
-
 def bound_reader_session(*, connection: Any, **kwargs: Any) -> None:
     """A ``connection_created`` receiver: a PostgreSQL connection of the
     reader threads gets ``STORAGE_TIMEOUT`` as its statement and lock
@@ -373,44 +320,13 @@ def bound_reader_session(*, connection: Any, **kwargs: Any) -> None:
     thread, and with it every stream's storage read, for as long as the
     lock lasts. Set once per connection, so a read costs no extra round
     trip; the reader threads run nothing but storage reads."""
-    if connection.vendor != "postgresql":
-        return
-    if not threading.current_thread().name.startswith(_READER_PREFIX):
+    if connection.vendor != "postgresql" or not readers.is_reader_thread():
         return
     milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
     with connection.cursor() as cursor:
         # One statement each: a connection with server-side binding refuses two in one.
         for statement in _postgresql_timeout_settings(milliseconds, scope="SET"):
             cursor.execute(statement)
-
-
-def _reconnecting(func: Callable[..., T], *args: Any) -> T:
-    try:
-        return _retrying_shared_cache_locks(func, *args)
-    except DatabaseError:
-        # A failed query may leave this long-lived thread's connection
-        # unusable (the database restarted, say): the next read reconnects.
-        connections.close_all()
-        raise
-
-
-def _retrying_shared_cache_locks(func: Callable[..., T], *args: Any) -> T:
-    """Run a read, again while SQLite's shared cache says a table is locked.
-
-    An in-memory database with a shared cache (Django's SQLite test
-    database) answers a read that meets another connection's write with
-    "table is locked" at once, where a file database waits for its busy
-    timeout: retry for up to ``STORAGE_TIMEOUT`` (no lock is held here)."""
-    deadline = time.monotonic() + conf.STORAGE_TIMEOUT
-    pause = 0.002
-    while True:
-        try:
-            return func(*args)
-        except OperationalError as exc:
-            if "table is locked" not in str(exc) or time.monotonic() + pause > deadline:
-                raise
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
 
 
 def _allocate(db: str, item: Append, event_type: str, *, sequenced: bool) -> int:
@@ -884,6 +800,12 @@ class RedisStorage(StorageBase):  # type: ignore[misc]
     @property
     def client(self) -> Any:
         return self._client_and_script()[0]
+
+    @property
+    def failures(self) -> tuple[type[Exception], ...]:
+        import redis
+
+        return (redis.RedisError,)
 
     def _client_and_script(self) -> tuple[Any, Any]:
         details = getattr(settings, "EVENTSTREAM_STORAGE_CONNECTION", None)

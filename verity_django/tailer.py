@@ -39,7 +39,8 @@ from typing import Any, TypeVar
 from django_eventstream.event import Event
 
 from verity_django.conf import conf
-from verity_django.storage import PUBSUB_CHANNEL, configured, reader
+from verity_django.readers import readers
+from verity_django.storage import PUBSUB_CHANNEL, configured
 from verity_django.subscriptions import Subscription
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Tailer:
         # Channels found behind storage: the id they must reach, and since when.
         self._ahead: dict[str, tuple[int, float]] = {}
         # The streams' reader threads: no database connection of its own.
-        self._executor = reader()
+        self._executor = readers()
 
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
         return await self.loop.run_in_executor(self._executor, func, *args)

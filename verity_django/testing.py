@@ -129,9 +129,9 @@ def release_database_connections(timeout: float = 5.0) -> bool:
     """
     released = True
     # A module never imported has started no thread: nothing to import here.
-    storage = sys.modules.get("verity_django.storage")
-    if storage is not None:
-        released = storage.release_reader_connections(timeout) and released
+    readers = sys.modules.get("verity_django.readers")
+    if readers is not None:
+        released = readers.release_reader_connections(timeout) and released
     publishing = sys.modules.get("verity_django.publishing")
     if publishing is not None:
         released = publishing.release_connections(timeout) and released

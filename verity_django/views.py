@@ -37,6 +37,7 @@ and :class:`_Subscriber` is where every envelope of one connection passes.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ from verity_django.conf import conf
 from verity_django.publishing import grip_configured
 from verity_django.storage import configured, streaming
 
+logger = logging.getLogger(__name__)
+
 MAX_LAST_EVENT_ID = 4096
 # django-eventstream re-sends at most its queue (10 events) after an overflow.
 _RECENT = 32
@@ -78,6 +81,9 @@ _PAGING_PARAMS = ("link", "recover")
 # links the proxy follows without the session cookie.
 _SESSION_PARAM = "verity-session"
 _HIDDEN_PARAMS = ("channel", "channels", "es-meta", _SESSION_PARAM)
+# Seconds a client is asked to wait before it reopens a stream its storage
+# could not serve; a Verity client backs off on its own as well.
+_RETRY_AFTER = 2
 
 
 def _error(status: int, detail: str, **extra: Any) -> JsonResponse:
@@ -128,7 +134,14 @@ def events(request: HttpRequest) -> HttpResponseBase:
         resume = _parse_last_event_id(request, channels)
     except ValueError as exc:
         return _error(400, str(exc))
-    current = configured().get_current_ids(channels)
+    store = configured()
+    try:
+        current = store.get_current_ids(channels)
+    except store.failures as exc:
+        logger.warning("verity_django: a stream could not open: its storage read failed (%s)", exc)
+        unavailable = _error(503, "The event storage is not answering; try again shortly.")
+        unavailable["Retry-After"] = str(_RETRY_AFTER)
+        return unavailable
     remembered = positions.remembered(request, client_id, channels, current)
     page = _PAGE // len(channels) if proxied else None
     starts = _starts(resume, remembered, current, page=page)
