@@ -107,16 +107,49 @@ def test_letting_go_of_connections_does_not_wait_for_a_stuck_thread(
     assert pool.submit(lambda: 1).result(timeout=5) == 1
     assert pool.release_connections(timeout=5)
     stuck = pool.submit(waits_for(silent))
-    with pytest.raises(StorageNotAnswering):
-        stuck.result(timeout=30)
+    wait_for(lambda: bool(pool._running))
+    # Asked while the read runs: the answer comes when it is given up on.
     began = time.monotonic()
     assert not pool.release_connections(timeout=30)
-    assert (
-        time.monotonic() - began < 15
-    )  # the serving threads answered; the stuck one was not awaited
+    assert time.monotonic() - began < 15
+    with pytest.raises(StorageNotAnswering):
+        stuck.result(timeout=30)
     silent.set()
     wait_for(lambda: pool.stuck == 0)
+    assert pool.submit(lambda: 2).result(timeout=5) == 2
     assert pool.release_connections(timeout=5)
+
+
+def test_a_thread_whose_connection_fails_to_close_goes_on_serving(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.db import connections
+
+    pool = ReaderThreads(size=1)
+    assert pool.submit(lambda: 1).result(timeout=5) == 1
+
+    def broken() -> None:
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(connections, "close_all", broken)
+    assert pool.release_connections(timeout=5)
+    monkeypatch.undo()
+    assert "could not close a connection" in caplog.text
+    assert pool.submit(lambda: 2).result(timeout=5) == 2
+
+
+def test_the_watchdog_outlives_a_failure_of_its_own(
+    silent: threading.Event, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = ReaderThreads(size=1)
+    with override_settings(VERITY=FAST):
+        stuck = pool.submit(waits_for(silent))
+        wait_for(lambda: bool(pool._running))
+        # Unreadable when the watchdog wakes for the read's limit.
+        with override_settings(VERITY={"STORAGE_TIMEOUT": "soon"}):
+            wait_for(lambda: "watchdog failed" in caplog.text)
+        with pytest.raises(StorageNotAnswering):
+            stuck.result(timeout=30)
 
 
 def test_as_many_reads_run_at_once_as_the_pool_has_threads() -> None:

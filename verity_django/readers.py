@@ -97,11 +97,17 @@ class ReaderThreads(Executor):
             raise TypeError("storage reads take positional arguments only")
         future: Future[T] = Future()
         with self._lock:
-            refused = None if self._serving or self._may_add_thread() else self._refusal()
+            refused = None
+            if not self._serving and not self._may_add_thread():
+                refused = self._refusal(answer_limit())
             if refused is None:
-                self._queue.append(_Read(future, fn, args))
+                self._queue.append(read := _Read(future, fn, args))
                 self._add_threads_for_queue()
-                self._work.notify()
+                if self._serving:
+                    self._work.notify()
+                else:
+                    self._queue.remove(read)
+                    refused = StorageNotAnswering("no storage reader thread could be started")
         if refused is not None:
             future.set_exception(refused)
         return future
@@ -133,25 +139,31 @@ class ReaderThreads(Executor):
             and len(self._serving) < self.size
             and self._may_add_thread()
         ):
-            self._add_thread()
+            try:
+                self._add_thread()
+            except RuntimeError:
+                # No new threads (the interpreter is shutting down): the
+                # serving ones, if any, take the queue.
+                logger.warning("verity_django: could not start a storage reader thread")
+                return
 
     def _may_add_thread(self) -> bool:
         return len(self._stuck) < _MOST_STUCK
 
-    def _refusal(self) -> StorageNotAnswering:
+    def _refusal(self, limit: float) -> StorageNotAnswering:
         return StorageNotAnswering(
             f"{len(self._stuck)} storage reads have had no answer from the database "
-            f"within {answer_limit():g} s; refusing more until one returns"
+            f"within {limit:g} s; refusing more until one returns"
         )
 
     def _add_thread(self) -> None:
         self._named += 1
-        self._idle += 1
         thread = threading.Thread(
             target=self._serve, name=f"{_THREAD_PREFIX}-{self._named}", daemon=True
         )
+        thread.start()  # it waits for the lock before it reads the counts
+        self._idle += 1
         self._serving.add(thread)
-        thread.start()
 
     def _serve(self) -> None:
         me = threading.current_thread()
@@ -173,8 +185,10 @@ class ReaderThreads(Executor):
                 else:
                     read = None
             if release is not None:
-                connections.close_all()
-                release.set()
+                try:
+                    _close_connections()
+                finally:
+                    release.set()
             elif read is not None and self._run(me, read):
                 return
 
@@ -207,7 +221,10 @@ class ReaderThreads(Executor):
             ours = not read.settled
             read.settled = True
             given_up = me in self._stuck
-            self._stuck.discard(me)
+            if given_up:
+                self._stuck.discard(me)
+                # One fewer stuck: reads refused a thread until now may get one.
+                self._add_threads_for_queue()
         if ours:
             if error is None:
                 read.future.set_result(result)
@@ -215,40 +232,52 @@ class ReaderThreads(Executor):
                 read.future.set_exception(error)
         if given_up:
             # Another thread has its place: this one leaves, with its connections.
-            connections.close_all()
+            _close_connections()
             logger.warning("verity_django: a storage read given up on has now returned")
         return given_up
 
     def _keep_watch(self) -> None:
         while True:
-            with self._lock:
-                while True:
-                    limit = answer_limit()
-                    due = self._first_limit(limit)
-                    if due is not None and due <= time.monotonic():
-                        break
-                    if due is not None:
-                        self._watch.wait(due - time.monotonic())
-                    elif not self._watch.wait(_WATCHDOG_IDLE) and not self._running:
-                        # Nothing read for a while: the next read starts another.
-                        self._watchdog = None
-                        return
-                overdue, refused = self._give_up(time.monotonic(), limit)
-                refusal = self._refusal()
-            for read in overdue:
-                logger.warning(
-                    "verity_django: the database did not answer a storage read within %g s; "
-                    "its caller got an error, and another thread serves the streams",
-                    limit,
+            try:
+                if not self._watch_once():
+                    return
+            except Exception:
+                # A watchdog that died would leave every later read unbounded.
+                logger.exception("verity_django: the storage readers' watchdog failed; going on")
+                time.sleep(1.0)
+
+    def _watch_once(self) -> bool:
+        """Wait for the oldest read's limit and give up on what is overdue;
+        False once nothing has been read for a while and the watchdog leaves."""
+        with self._lock:
+            while True:
+                limit = answer_limit()
+                due = self._first_limit(limit)
+                if due is not None and due <= time.monotonic():
+                    break
+                if due is not None:
+                    self._watch.wait(due - time.monotonic())
+                elif not self._watch.wait(_WATCHDOG_IDLE) and not self._running:
+                    # Nothing read for a while: the next read starts another.
+                    self._watchdog = None
+                    return False
+            overdue, refused = self._give_up(time.monotonic(), limit)
+            refusal = self._refusal(limit)
+        for read in overdue:
+            logger.warning(
+                "verity_django: the database did not answer a storage read within %g s; "
+                "its caller got an error, and another thread serves the streams",
+                limit,
+            )
+            read.future.set_exception(
+                StorageNotAnswering(
+                    f"the database did not answer a storage read within {limit:g} s"
                 )
-                read.future.set_exception(
-                    StorageNotAnswering(
-                        f"the database did not answer a storage read within {limit:g} s"
-                    )
-                )
-            for read in refused:
-                if read.future.set_running_or_notify_cancel():
-                    read.future.set_exception(refusal)
+            )
+        for read in refused:
+            if read.future.set_running_or_notify_cancel():
+                read.future.set_exception(refusal)
+        return True
 
     def _first_limit(self, limit: float) -> float | None:
         starts = [read.started for read in self._running.values() if not read.settled]
@@ -288,8 +317,11 @@ def readers() -> ReaderThreads:
 
 
 def _forget_after_fork() -> None:
-    global _readers
+    # The parent's threads are not in the child, and its lock may have been
+    # held by one of them at the fork.
+    global _readers, _readers_lock
     _readers = None
+    _readers_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -323,6 +355,16 @@ def on_reader(func: Callable[..., T], *args: Any) -> T:
         return _reconnecting(func, *args)
     # No timeout here: the watchdog settles the future of a read that overruns.
     return readers().submit(func, *args).result()
+
+
+def _close_connections() -> None:
+    try:
+        connections.close_all()
+    except Exception:
+        # A connection already broken may fail to close; it is dropped anyway.
+        logger.warning(
+            "verity_django: a storage reader could not close a connection", exc_info=True
+        )
 
 
 def _reconnecting(func: Callable[..., T], *args: Any) -> T:
