@@ -12,9 +12,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 from django.test import override_settings
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from tests.waiting import wait_for
 from verity_django import readers
@@ -189,3 +193,87 @@ def test_a_read_that_raises_gives_its_caller_the_error() -> None:
     with pytest.raises(ValueError, match="no such channel"):
         pool.submit(fails).result(timeout=5)
     assert pool.submit(lambda: "after").result(timeout=5) == "after"
+
+
+class ReadersMachine(RuleBasedStateMachine):
+    """Reads that answer, reads the database never answers, and answers that
+    come late, in any order. The oracle: every read ends, a stuck read with an
+    error or its late answer, every other read with its own value, or refused
+    only while at least ``_MOST_STUCK`` reads are still unanswered; and the
+    threads stay bounded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.overridden = override_settings(VERITY=FAST)
+        self.overridden.enable()
+        self.pool = ReaderThreads(size=2)
+        self.before = reader_threads()
+        self.gates: list[threading.Event] = []
+        # (future, its value or None when stuck, unanswered stuck reads when asked)
+        self.reads: list[tuple[Future[Any], int | None, int]] = []
+
+    def unanswered(self) -> int:
+        return sum(1 for gate in self.gates if not gate.is_set())
+
+    @rule(value=st.integers())
+    def answered(self, value: int) -> None:
+        self.reads.append((self.pool.submit(lambda: value), value, self.unanswered()))
+
+    @rule()
+    def never_answered(self) -> None:
+        gate = threading.Event()
+        self.gates.append(gate)
+        self.reads.append((self.pool.submit(waits_for(gate)), None, self.unanswered()))
+
+    @rule(data=st.data())
+    def late_answer(self, data: st.DataObject) -> None:
+        waiting = [gate for gate in self.gates if not gate.is_set()]
+        if waiting:
+            data.draw(st.sampled_from(waiting)).set()
+
+    @rule(seconds=st.sampled_from([0.0, 0.3, 1.2]))
+    def time_passes(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    @invariant()
+    def threads_stay_bounded(self) -> None:
+        assert len(reader_threads() - self.before) <= self.pool.size + readers._MOST_STUCK
+
+    def teardown(self) -> None:
+        try:
+            # A read may wait for each stuck read asked before it to be given up on.
+            deadline = time.monotonic() + answer_limit() * (len(self.gates) + 2) + 10
+            for future, value, unanswered in self.reads:
+                error: StorageNotAnswering | None = None
+                try:
+                    got = future.result(timeout=max(0.1, deadline - time.monotonic()))
+                except StorageNotAnswering as exc:
+                    error = exc
+                if error is None:
+                    assert got == ("late" if value is None else value)
+                else:
+                    refused = "refusing more" in str(error)
+                    assert value is None or (refused and unanswered >= readers._MOST_STUCK), error
+            for gate in self.gates:
+                gate.set()
+            wait_for(lambda: self.pool.stuck == 0, timeout=30)
+            assert self.pool.submit(lambda: "after").result(timeout=10) == "after"
+        finally:
+            for gate in self.gates:
+                gate.set()
+            self.overridden.disable()
+
+
+def test_every_read_ends_with_its_answer_or_an_error_it_may_have() -> None:
+    run_state_machine_as_test(
+        ReadersMachine,
+        settings=settings(
+            max_examples=12,
+            stateful_step_count=12,
+            derandomize=True,
+            deadline=None,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
