@@ -93,6 +93,27 @@ def test_a_stream_whose_storage_fails_is_a_503_to_retry(
     assert "a stream could not open: its storage read failed" in caplog.text
 
 
+def test_a_stream_whose_redis_storage_never_answers_is_a_503_within_its_timeout(
+    client: Client, db: Any
+) -> None:
+    from django.test import override_settings
+
+    from tests.black_hole import BlackHole
+
+    hole = BlackHole()
+    try:
+        with override_settings(
+            EVENTSTREAM_STORAGE_CLASS="verity_django.storage.RedisStorage",
+            EVENTSTREAM_STORAGE_CONNECTION={"host": "127.0.0.1", "port": hole.port},
+            VERITY={"REDIS_TIMEOUT": 0.2},
+        ):
+            response = client.get("/api/events?audience=global")
+    finally:
+        hole.close()
+    assert response.status_code == 503
+    assert response["Retry-After"] == "2"
+
+
 def envelope(seq: int, origin: str | None = None, audience: str = "global") -> str:
     head, tail = envelopes.parts(audience, [d.refresh_collection("todos")], origin)
     return f"event: message\nid: verity.{audience}:{seq}\ndata: {head}{seq}{tail}\n\n"
