@@ -40,9 +40,8 @@ from django.utils import timezone
 from django_eventstream.event import Event
 from django_eventstream.storage import EventDoesNotExist, StorageBase
 
-from verity_django import readers
 from verity_django.conf import conf
-from verity_django.readers import on_reader
+from verity_django.readers import is_reader_thread, on_reader
 
 _TRIM_EVERY = 60.0
 logger = logging.getLogger(__name__)
@@ -320,7 +319,7 @@ def bound_reader_session(*, connection: Any, **kwargs: Any) -> None:
     thread, and with it every stream's storage read, for as long as the
     lock lasts. Set once per connection, so a read costs no extra round
     trip; the reader threads run nothing but storage reads."""
-    if connection.vendor != "postgresql" or not readers.is_reader_thread():
+    if connection.vendor != "postgresql" or not is_reader_thread():
         return
     milliseconds = int(conf.STORAGE_TIMEOUT * 1000)
     with connection.cursor() as cursor:
