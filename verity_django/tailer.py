@@ -124,14 +124,23 @@ class Tailer:
         self._wake.set()
 
     async def _run(self) -> None:
+        failed = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self._step()
-            except Exception:
-                logger.exception("verity_django: delivery from storage failed; retrying")
+            except Exception as exc:
+                failed += 1
+                _log_failure(exc, failed)
                 await asyncio.sleep(conf.POLL_INTERVAL)
+            else:
+                if failed:
+                    logger.warning(
+                        "verity_django: delivery from storage works again, after %d failed tries",
+                        failed,
+                    )
+                    failed = 0
 
     async def _step(self) -> None:
         active = self._active_channels()
@@ -221,6 +230,25 @@ class Tailer:
         manager = get_listener_manager()
         with manager.lock:
             return set(manager.listeners_by_channel)
+
+
+def _log_failure(exc: Exception, failed: int) -> None:
+    # Once per outage, not once per poll: a database down for ten minutes
+    # made a traceback every POLL_INTERVAL. A failure of the storage itself
+    # needs no traceback; anything else is a bug and gets one.
+    if failed > 1:
+        logger.debug("verity_django: delivery from storage failed again (%s)", exc)
+        return
+    try:
+        of_the_storage = isinstance(exc, configured().failures)
+    except Exception:  # the storage cannot even be configured: that is the failure logged
+        of_the_storage = False
+    if of_the_storage:
+        logger.warning(
+            "verity_django: delivery from storage failed (%s); retrying until it works", exc
+        )
+    else:
+        logger.exception("verity_django: delivery from storage failed; retrying until it works")
 
 
 def _current_ids(channels: Iterable[str]) -> dict[str, int]:

@@ -61,6 +61,11 @@ async def test_streams_opened_while_postgresql_is_stopped_are_told_to_retry(
                     await consumer.wait_for(lambda c: len(c.received.get("global", [])) >= 3, 30)
                     assert consumer.received["global"][-3:] == [1, 2, 3]
                     assert not consumer.duplicates
+            # The tailer failed on every poll meanwhile, and says so once.
+            log = server.log_text()
+            assert log.count("delivery from storage failed (") == 1
+            assert "Traceback" not in log
+            assert "delivery from storage works again, after" in log
     finally:
         database.resume()
         database.stop()
