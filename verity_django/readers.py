@@ -373,7 +373,7 @@ def _reconnecting(func: Callable[..., T], *args: Any) -> T:
     except DatabaseError:
         # A failed query may leave this long-lived thread's connection
         # unusable (the database restarted, say): the next read reconnects.
-        connections.close_all()
+        _close_connections()
         raise
 
 
