@@ -71,8 +71,8 @@ def test_a_read_never_answered_fails_its_caller_while_the_other_reads_are_served
 @override_settings(VERITY=FAST)
 def test_a_queued_read_is_timed_from_when_it_runs_not_from_when_it_was_asked() -> None:
     pool = ReaderThreads(size=1)
-    slow = pool.submit(time.sleep, answer_limit() * 0.7)
-    queued = pool.submit(time.sleep, answer_limit() * 0.7)
+    slow = pool.submit(time.sleep, answer_limit() * 0.6)
+    queued = pool.submit(time.sleep, answer_limit() * 0.6)
     assert slow.result(timeout=30) is None
     assert queued.result(timeout=30) is None
     assert pool.stuck == 0
