@@ -175,8 +175,8 @@ def _check_storage_connect_timeout() -> list[checks.CheckMessage]:
     connect, which only the driver bounds: psycopg 3 gives up after 130 s
     by default, psycopg2 never, on a server that accepts the connection and
     never answers. The publisher thread, the storage readers and the
-    positions writer wait that long, and every stream's storage read with
-    them."""
+    positions writer wait that long; the readers' callers are given up on
+    sooner (readers.answer_limit), but each stuck connect holds a thread."""
     if getattr(settings, "EVENTSTREAM_STORAGE_CLASS", None) != _STORAGES[0]:
         return []
     from django.db import connections, router
