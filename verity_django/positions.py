@@ -51,7 +51,8 @@ from django.http import HttpRequest
 
 from verity_django.clients import tag_for
 from verity_django.conf import conf
-from verity_django.storage import ConnectionRelease, bounded_transaction
+from verity_django.storage import bounded_transaction
+from verity_django.thread_connections import ConnectionRelease
 
 logger = logging.getLogger(__name__)
 

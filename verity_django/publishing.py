@@ -64,9 +64,9 @@ from verity_django import directives as d
 from verity_django import envelopes
 from verity_django.audiences import channel_for
 from verity_django.conf import conf
-from verity_django.readers import in_open_transaction
 from verity_django.signals import directives_committed, envelope_published
-from verity_django.storage import Append, ConnectionRelease, configured
+from verity_django.storage import Append, configured
+from verity_django.thread_connections import ConnectionRelease, in_open_transaction
 
 if TYPE_CHECKING:
     from verity_django.batching import Batch

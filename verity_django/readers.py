@@ -34,9 +34,10 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from django.db import DatabaseError, OperationalError, connections
+from django.db import DatabaseError, OperationalError
 
 from verity_django.conf import conf
+from verity_django.thread_connections import close_connections, in_open_transaction
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class ReaderThreads(Executor):
                     read = None
             if release is not None:
                 try:
-                    _close_connections()
+                    close_connections()
                 finally:
                     release.set()
             elif read is not None and self._run(me, read):
@@ -232,7 +233,7 @@ class ReaderThreads(Executor):
                 read.future.set_exception(error)
         if given_up:
             # Another thread has its place: this one leaves, with its connections.
-            _close_connections()
+            close_connections()
             logger.warning("verity_django: a storage read given up on has now returned")
         return given_up
 
@@ -337,11 +338,6 @@ def release_reader_connections(timeout: float) -> bool:
     return True if pool is None else pool.release_connections(timeout)
 
 
-def in_open_transaction() -> bool:
-    """Whether this thread has a transaction open on any database."""
-    return any(c.in_atomic_block for c in connections.all(initialized_only=True))
-
-
 def on_reader(func: Callable[..., T], *args: Any) -> T:
     """Run a storage read on the reader threads and wait for it.
 
@@ -357,23 +353,13 @@ def on_reader(func: Callable[..., T], *args: Any) -> T:
     return readers().submit(func, *args).result()
 
 
-def _close_connections() -> None:
-    try:
-        connections.close_all()
-    except Exception:
-        # A connection already broken may fail to close; it is dropped anyway.
-        logger.warning(
-            "verity_django: a storage reader could not close a connection", exc_info=True
-        )
-
-
 def _reconnecting(func: Callable[..., T], *args: Any) -> T:
     try:
         return _retrying_shared_cache_locks(func, *args)
     except DatabaseError:
         # A failed query may leave this long-lived thread's connection
         # unusable (the database restarted, say): the next read reconnects.
-        _close_connections()
+        close_connections()
         raise
 
 

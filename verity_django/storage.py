@@ -276,41 +276,6 @@ def release_stream_connections() -> None:
             connection.close()
 
 
-class ConnectionRelease:
-    """Asks a long-lived thread to close its database connections, which
-    only that thread can do (Django's connections are per thread), and
-    lets the thread answer when it next wakes. ``wake`` is the condition
-    the thread waits on; the thread reopens connections as it needs them."""
-
-    def __init__(self, wake: threading.Condition) -> None:
-        self.wake = wake
-        self.asked: list[threading.Event] = []
-
-    def ask(self, thread: threading.Thread | None, timeout: float) -> bool:
-        """True once ``thread`` has closed its connections (or is not running)."""
-        released = threading.Event()
-        with self.wake:
-            if thread is None or not thread.is_alive():
-                return True
-            self.asked.append(released)
-            self.wake.notify_all()
-        return released.wait(timeout)
-
-    def take(self) -> list[threading.Event]:
-        """In the thread, holding ``wake``: what was asked since last time."""
-        taken, self.asked = self.asked, []
-        return taken
-
-    @staticmethod
-    def answer(taken: list[threading.Event]) -> None:
-        """In the thread, without ``wake`` held (closing is I/O)."""
-        if not taken:
-            return
-        connections.close_all()
-        for released in taken:
-            released.set()
-
-
 def bound_reader_session(*, connection: Any, **kwargs: Any) -> None:
     """A ``connection_created`` receiver: a PostgreSQL connection of the
     reader threads gets ``STORAGE_TIMEOUT`` as its statement and lock
