@@ -365,7 +365,7 @@ class _Publisher:
     def reset(self) -> None:
         with self.lock:
             self.queue.clear()
-            self.drained.notify_all()
+            self._note_if_drained()
         # A run already handed to storage still lands: wait for it, so that it
         # cannot store an envelope into whatever comes next (the next test's
         # database).
@@ -373,7 +373,7 @@ class _Publisher:
             self.publishing.release()
         with self.lock:
             self.queue.clear()
-            self.drained.notify_all()
+            self._note_if_drained()
             self.lost.clear()
             self.healthy = True
             self.retry_at = 0.0
@@ -423,14 +423,19 @@ class _Publisher:
                     continue
                 self.queue.remove(item)
                 dropped.append(item)
-                if not self.queue:
-                    self.drained.notify_all()
+                self._note_if_drained()
                 if item.event is None:
                     self.lost[item.audience] = self.lost.get(item.audience, 0) + 1 + item.skip
         for item in dropped:
             item.error = OverflowError("dropped: the backlog is full")
             item.finish()
             self._count_lost(item.audience, f"the backlog holds {conf.BACKLOG_LIMIT}")
+
+    def _note_if_drained(self) -> None:
+        """Holding the lock, after taking envelopes off the backlog: wake
+        whoever waits for it to empty."""
+        if not self.queue:
+            self.drained.notify_all()
 
     def holds(self, item: _Pending) -> bool:
         with self.lock:
@@ -445,8 +450,7 @@ class _Publisher:
             if item.busy or item.store_attempts or item not in self.queue:
                 return False
             self.queue.remove(item)
-            if not self.queue:
-                self.drained.notify_all()
+            self._note_if_drained()
             return True
 
     def lose(self, audience: str, why: str) -> None:
@@ -592,8 +596,7 @@ class _Publisher:
             with self.lock:
                 if self.queue and self.queue[0] is head:
                     self.queue.popleft()
-                    if not self.queue:
-                        self.drained.notify_all()
+                    self._note_if_drained()
                 counters.published += 1
                 self.healthy = True
                 self.backoff = 0.0
