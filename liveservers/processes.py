@@ -556,6 +556,114 @@ class RedisServer(ManagedProcess):
         return redis_ping(self.port)
 
 
+class RedisOnSmallDisk(RedisServer):
+    """A redis-server that keeps an append-only file on a disk of its own, a
+    small tmpfs, which ``fill_disk()`` fills and ``free_disk()`` frees again.
+
+    The tmpfs is mounted in a user and mount namespace of the server's own
+    (``unshare``), so no root is needed and no mount outlives the server.
+    While the disk is full, Redis refuses every write with ``MISCONF Errors
+    writing to the AOF file: No space left on device``, as a production Redis
+    does, and keeps what it already holds; it retries the file every second
+    once there is room.
+    """
+
+    name = "redis-small-disk"
+    disk_size = "4m"
+
+    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+        super().__init__(port, binary)
+        self.unshare = find_binary("unshare") or "unshare"
+
+    @property
+    def _mount_point(self) -> Path:
+        assert self.tmp_dir is not None
+        return self.tmp_dir / "disk"
+
+    @property
+    def _filler(self) -> Path:
+        # The mount exists only in the server's namespace, which the kernel
+        # shows under its /proc root.
+        return Path(f"/proc/{self.pid}/root") / str(self._mount_point).lstrip("/") / "filler"
+
+    def _prepare(self) -> None:
+        self._mount_point.mkdir()
+
+    def _command(self) -> list[str]:
+        server = super()._command()
+        # --dir on the new disk, and an append-only file to write there.
+        at = server.index("--dir")
+        server[at + 1] = str(self._mount_point)
+        at = server.index("--appendonly")
+        server[at + 1] = "yes"
+        size = self.disk_size
+        mount = f'mount -t tmpfs -o size={size} verity-small-disk "$1" && shift && exec "$@"'
+        return [
+            self.unshare,
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            mount,
+            "sh",
+            str(self._mount_point),
+            *server,
+        ]
+
+    def _persistence(self) -> str:
+        """The ``INFO persistence`` section (a RESP bulk string: ``$<length>``, then the text)."""
+        with socket.create_connection((LOOPBACK, self.port), timeout=2.0) as sock:
+            sock.sendall(b"INFO persistence\r\n")
+            reply = b""
+            while b"\r\n" not in reply:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ServerError(f"{self.name} closed the connection during INFO")
+                reply += chunk
+            header, _, body = reply.partition(b"\r\n")
+            length = int(header[1:])
+            while len(body) < length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ServerError(f"{self.name} closed the connection during INFO")
+                body += chunk
+        return body[:length].decode()
+
+    def aof_writes_fail(self) -> bool:
+        return "aof_last_write_status:err" in self._persistence()
+
+    def fill_disk(self, timeout: float = 10.0) -> None:
+        """Fill the disk, then write until Redis reports its file unwritable."""
+        with open(self._filler, "wb") as filler:
+            block = b"\0" * 65536
+            with contextlib.suppress(OSError):
+                while True:
+                    filler.write(block)
+                    filler.flush()
+        # The file's last page may still have room; one larger write needs more.
+        deadline = time.monotonic() + timeout
+        value = b"x" * 16384
+        while not self.aof_writes_fail():
+            if time.monotonic() > deadline:
+                raise ServerError(f"{self.name}: the append-only file still writes on a full disk")
+            with socket.create_connection((LOOPBACK, self.port), timeout=2.0) as sock:
+                key = b"full-disk-filler"
+                sock.sendall(
+                    b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                    % (len(key), key, len(value), value)
+                )
+                sock.recv(256)
+            time.sleep(0.05)
+
+    def free_disk(self, timeout: float = 10.0) -> None:
+        """Remove the filler; return once Redis writes its file again."""
+        self._filler.unlink()
+        self._poll_until(
+            lambda: not self.aof_writes_fail(), time.monotonic() + timeout, "AOF writes again"
+        )
+
+
 # --------------------------------------------------------------------------
 # PostgreSQL
 # --------------------------------------------------------------------------

@@ -1,22 +1,30 @@
 """The publisher against transports that accept connections and never answer.
 
 A black-hole TCP listener stands in for Redis, and separately for Pushpin's
-control port. Mutations must still answer (each with its pull directives)
-and a concurrent one must not queue behind the first; once the transport is
-back, every envelope is stored exactly once, in seq order.
+control port; a real redis-server whose disk fills up stands in for a
+storage that refuses writes. Mutations must still answer (each with its pull
+directives) and a concurrent one must not queue behind the first; once the
+transport is back, every envelope is stored exactly once, in seq order.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
-from liveservers.processes import LOOPBACK, RedisServer, free_port, run_manage
+from liveservers.processes import (
+    LOOPBACK,
+    RedisOnSmallDisk,
+    RedisServer,
+    free_port,
+    require_binary,
+    run_manage,
+)
 from tests.black_hole import BlackHole
 
 from .conftest import AsgiServerFactory
@@ -112,6 +120,62 @@ async def test_a_black_hole_pushpin_control_port_never_holds_up_requests(
         assert b.received[audience] == list(range(start + 1, start + len(pulled) + 1))
     finally:
         hole.close()
+
+
+@pytest.fixture
+def redis_on_small_disk() -> Iterator[RedisOnSmallDisk]:
+    with RedisOnSmallDisk(binary=require_binary("redis-server")) as server:
+        yield server
+
+
+async def test_a_full_disk_under_redis_fails_no_request_and_loses_no_envelope(
+    asgi_server_factory: AsgiServerFactory,
+    login: Login,
+    redis_on_small_disk: RedisOnSmallDisk,
+) -> None:
+    """Redis's disk fills up: it refuses every write (``MISCONF``) but keeps
+    its data, so once there is room again the stream goes on with no gap."""
+    redis_server = redis_on_small_disk
+    server = asgi_server_factory({"VERITY_REDIS": redis_server.address})
+    cookies = login(server.base_url, "alice", "alice-password")
+    me = httpx.get(f"{server.base_url}/api/auth/me/", cookies=cookies).json()
+    audience = f"user-{me['id']}"
+
+    def received(count: int) -> Callable[[VerityConsumer], bool]:
+        return lambda c: len(c.received.get(audience, [])) >= count
+
+    async with VerityConsumer(server.base_url, (audience,), "window-b", cookies) as watcher:
+        await watcher.wait_for(lambda c: len(c.hellos) >= 1, 15)
+        start = watcher.hellos[0].last_seq
+        pulled = [await _in_thread(mutate, server.base_url, cookies, 1, "before")]
+        await watcher.wait_for(received(1), 15)
+        log_before = len(server.log_text())
+        await _in_thread(redis_server.fill_disk)
+        pulled += await _in_thread(mutate_concurrently, server.base_url, cookies, ["a", "b"])
+        for i in range(3):
+            pulled.append(await _in_thread(mutate, server.base_url, cookies, 1, f"full-{i}"))
+        while_full = server.log_text()[log_before:]
+        assert await _in_thread(redis_server.aof_writes_fail)
+        await _in_thread(redis_server.free_disk)
+        pulled.append(await _in_thread(mutate, server.base_url, cookies, 1, "after"))
+        await watcher.wait_for(received(len(pulled)), 30)
+        # One more, once the rest is in: a copy sent twice would arrive before it.
+        pulled.append(await _in_thread(mutate, server.base_url, cookies, 1, "last"))
+        await watcher.wait_for(received(len(pulled)), 15)
+
+    assert (
+        f"could not store an envelope for audience '{audience}' (ResponseError: MISCONF"
+        in while_full
+    ), while_full
+    # Every envelope exactly once, in seq order, with nothing for the client
+    # to resync; each carries the idempotency keys of its pull copy.
+    assert watcher.received[audience] == list(range(start + 1, start + len(pulled) + 1))
+    assert (watcher.gaps, watcher.resyncs, watcher.duplicates, watcher.errors) == ([], [], [], [])
+    keys = [{x["idempotency_key"] for x in e.directives} for e in watcher.envelopes]
+    expected = [{x["idempotency_key"] for x in directives} for directives in pulled]
+    assert keys[0] == expected[0]
+    assert sorted(map(sorted, keys[1:3])) == sorted(map(sorted, expected[1:3]))
+    assert keys[3:] == expected[3:]
 
 
 async def test_a_management_command_envelope_reaches_a_connected_client(
