@@ -60,6 +60,7 @@ from django.utils.crypto import salted_hmac
 from verity_django import directives as d
 from verity_django.audiences import can_read, validate_audience
 from verity_django.conf import conf
+from verity_django.outages import Outage
 from verity_django.subscriptions import Subscription, within
 
 logger = logging.getLogger(__name__)
@@ -297,6 +298,17 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _read_failures() -> tuple[type[BaseException], ...]:
+    from verity_django.storage import configured as storage
+
+    failures = storage().failures
+    if _redis_settings() is None:
+        return failures
+    import redis
+
+    return (*failures, redis.RedisError)
+
+
 def _redis_settings() -> dict[str, Any] | None:
     found = getattr(settings, "EVENTSTREAM_REDIS", None)
     return found if isinstance(found, dict) else None
@@ -463,6 +475,8 @@ class Watcher:
         # Revocations applied lately, for streams that open meanwhile.
         self.history: collections.deque[Revocation] = collections.deque(maxlen=_HISTORY)
         self.task: asyncio.Task[None] | None = None
+        # Kept while no stream is open: the next read that works ends it.
+        self.outage = Outage(logger, "reading revocations", _read_failures)
 
     def known_position(self) -> int | None:
         with self.lock:
@@ -524,11 +538,12 @@ class Watcher:
                     await self._follow_pubsub()
                 else:
                     await self._poll()
-                backoff = conf.POLL_INTERVAL
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("verity_django: reading revocations failed (%s); retrying", exc)
+                self.outage.failed(exc)
+                if self.outage.failures == 1:
+                    backoff = conf.POLL_INTERVAL
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _SAFETY_INTERVAL)
 
@@ -551,6 +566,7 @@ class Watcher:
         await self._catch_up()
         if conf.REAUTHORIZE_INTERVAL:
             await self._reauthorize()
+        self.outage.worked()
 
     async def _catch_up(self) -> None:
         while True:

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from django_eventstream.event import Event
 
 from verity_django.conf import conf
+from verity_django.outages import Outage
 from verity_django.readers import readers
 from verity_django.storage import PUBSUB_CHANNEL, configured
 from verity_django.subscriptions import Subscription
@@ -124,23 +125,17 @@ class Tailer:
         self._wake.set()
 
     async def _run(self) -> None:
-        failed = 0
+        outage = Outage(logger, "delivery from storage", lambda: configured().failures)
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await self._step()
             except Exception as exc:
-                failed += 1
-                _log_failure(exc, failed)
+                outage.failed(exc)
                 await asyncio.sleep(conf.POLL_INTERVAL)
             else:
-                if failed:
-                    logger.warning(
-                        "verity_django: delivery from storage works again, after %d failed tries",
-                        failed,
-                    )
-                    failed = 0
+                outage.worked()
 
     async def _step(self) -> None:
         active = self._active_channels()
@@ -232,25 +227,6 @@ class Tailer:
             return set(manager.listeners_by_channel)
 
 
-def _log_failure(exc: Exception, failed: int) -> None:
-    # Once per outage, not once per poll: a database down for ten minutes
-    # made a traceback every POLL_INTERVAL. A failure of the storage itself
-    # needs no traceback; anything else is a bug and gets one.
-    if failed > 1:
-        logger.debug("verity_django: delivery from storage failed again (%s)", exc)
-        return
-    try:
-        of_the_storage = isinstance(exc, configured().failures)
-    except Exception:  # the storage cannot even be configured: that is the failure logged
-        of_the_storage = False
-    if of_the_storage:
-        logger.warning(
-            "verity_django: delivery from storage failed (%s); retrying until it works", exc
-        )
-    else:
-        logger.exception("verity_django: delivery from storage failed; retrying until it works")
-
-
 def _current_ids(channels: Iterable[str]) -> dict[str, int]:
     return configured().get_current_ids(channels)
 
@@ -318,6 +294,7 @@ def supervise_redis_listener() -> None:
 
 
 async def _run_redis_listener(manager: Any) -> None:
+    outage = Outage(logger, "the Redis subscription", _redis_failures)
     backoff = 0.5
     # After a reconnect (Redis itself may have restarted empty), the re-read
     # waits a moment: envelopes of a new count that arrive through the
@@ -325,21 +302,26 @@ async def _run_redis_listener(manager: Any) -> None:
     # (a hello to 0, nothing missed) instead of a reset and a resync.
     settle = 0.0
     while True:
-        confirmed = asyncio.Event()
         try:
-            await _listen(manager, settle, confirmed)
+            await _listen(manager, settle, outage)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.warning("verity_django: Redis subscription lost (%s); restarting", exc)
-        if confirmed.is_set():
+            outage.failed(exc)
+        if outage.failures <= 1:
             backoff = 0.5
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, 5.0)
         settle = _RESUBSCRIBED_SETTLE
 
 
-async def _listen(manager: Any, settle: float, confirmed: asyncio.Event) -> None:
+def _redis_failures() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.RedisError,)
+
+
+async def _listen(manager: Any, settle: float, outage: Outage) -> None:
     """Hand every message of the envelopes' pub/sub channel to this
     process's streams, as django-eventstream's listener does, and make them
     re-read storage ``settle`` seconds after Redis confirmed the subscription.
@@ -354,7 +336,7 @@ async def _listen(manager: Any, settle: float, confirmed: asyncio.Event) -> None
         while True:
             message = await subscription.message()
             if message["type"] == "subscribe":
-                confirmed.set()
+                outage.worked()
                 asyncio.get_running_loop().call_later(settle, _reread_all, manager)
                 # Any later confirmation follows redis-py's own reconnect.
                 settle = _RESUBSCRIBED_SETTLE

@@ -4,8 +4,13 @@ answers at all."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable
+
 import pytest
 import redis
+from django.test import override_settings
 
 from liveservers.processes import LOOPBACK, RedisServer
 from tests.black_hole import BlackHole
@@ -62,3 +67,59 @@ async def test_a_listener_that_never_answers_fails_the_subscription() -> None:
                 await within(NEVER, subscription.message())
     finally:
         hole.close()
+
+
+async def test_the_listener_logs_a_redis_outage_when_it_begins_and_when_it_ends(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILLed, Redis refuses the listener's reconnects for several tries:
+    one warning when the subscription is lost, debug lines for the tries,
+    one warning once Redis is back and the subscription confirmed."""
+    from django_eventstream.views import get_listener_manager
+
+    from verity_django import tailer
+    from verity_django.storage import PUBSUB_CHANNEL
+
+    def subscribed() -> bool:
+        client = redis.Redis(**details(redis_server.port))  # type: ignore[arg-type]
+        try:
+            return any(n for _, n in client.pubsub_numsub(PUBSUB_CHANNEL))
+        except redis.ConnectionError:
+            return False
+        finally:
+            client.close()
+
+    def messages() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "verity_django.tailer"]
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(NEVER):
+            while not condition():
+                await asyncio.sleep(0.05)
+
+    with (
+        override_settings(EVENTSTREAM_REDIS=details(redis_server.port)),
+        caplog.at_level(logging.DEBUG, "verity_django"),
+    ):
+        listener = asyncio.create_task(tailer._run_redis_listener(get_listener_manager()))
+        try:
+            await until(subscribed)
+            redis_server.kill()
+            await until(lambda: any("failed again" in m for m in messages()))
+            redis_server.start()
+            await until(lambda: any("works again" in m for m in messages()))
+            assert subscribed()
+        finally:
+            listener.cancel()
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "verity_django.tailer" and r.levelno >= logging.WARNING
+    ]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("verity_django: the Redis subscription failed (")
+    assert warnings[0].endswith("); retrying until it works")
+    tries = sum("failed again" in m for m in messages()) + 1
+    assert warnings[1] == (
+        f"verity_django: the Redis subscription works again, after {tries} failed tries"
+    )
