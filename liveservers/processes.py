@@ -19,6 +19,7 @@ import contextlib
 import http.client
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -556,48 +557,30 @@ class RedisServer(ManagedProcess):
         return redis_ping(self.port)
 
 
-class RedisOnSmallDisk(RedisServer):
-    """A redis-server that keeps an append-only file on a disk of its own, a
-    small tmpfs, which ``fill_disk()`` fills and ``free_disk()`` frees again.
+class SmallDisk:
+    """A small tmpfs of one server's own, for tests of a full disk.
 
-    The tmpfs is mounted in a user and mount namespace of the server's own
-    (``unshare``), so no root is needed and no mount outlives the server.
-    While the disk is full, Redis refuses every write with ``MISCONF Errors
-    writing to the AOF file: No space left on device``, as a production Redis
-    does, and keeps what it already holds; it retries the file every second
-    once there is room.
+    It is mounted in a user and mount namespace of the server's own
+    (``unshare``), so no root is needed and no mount outlives the server: the
+    server's command is wrapped to mount it first. The kernel shows the mount
+    to other processes under the server's ``/proc/<pid>/root``, where
+    :meth:`fill` writes a file until the disk is full and :meth:`free`
+    removes it.
     """
 
-    name = "redis-small-disk"
-    disk_size = "4m"
-
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
-        super().__init__(port, binary)
+    def __init__(self, mount_point: Path, size: str) -> None:
+        self.mount_point = mount_point
+        self.size = size
         self.unshare = find_binary("unshare") or "unshare"
 
-    @property
-    def _mount_point(self) -> Path:
-        assert self.tmp_dir is not None
-        return self.tmp_dir / "disk"
-
-    @property
-    def _filler(self) -> Path:
-        # The mount exists only in the server's namespace, which the kernel
-        # shows under its /proc root.
-        return Path(f"/proc/{self.pid}/root") / str(self._mount_point).lstrip("/") / "filler"
-
-    def _prepare(self) -> None:
-        self._mount_point.mkdir()
-
-    def _command(self) -> list[str]:
-        server = super()._command()
-        # --dir on the new disk, and an append-only file to write there.
-        at = server.index("--dir")
-        server[at + 1] = str(self._mount_point)
-        at = server.index("--appendonly")
-        server[at + 1] = "yes"
-        size = self.disk_size
-        mount = f'mount -t tmpfs -o size={size} verity-small-disk "$1" && shift && exec "$@"'
+    def wrap(self, command: Sequence[str], copy: Sequence[tuple[Path, str]] = ()) -> list[str]:
+        """``command`` run on the mounted disk, with each ``(source, name)`` of
+        ``copy`` copied onto it first (it starts empty)."""
+        script = f'mount -t tmpfs -o size={self.size} verity-small-disk "$1"'
+        for source, name in copy:
+            target = self.mount_point / name
+            script += f" && cp {shlex.quote(str(source))} {shlex.quote(str(target))}"
+        script += ' && shift && exec "$@"'
         return [
             self.unshare,
             "--user",
@@ -605,11 +588,65 @@ class RedisOnSmallDisk(RedisServer):
             "--mount",
             "sh",
             "-c",
-            mount,
+            script,
             "sh",
-            str(self._mount_point),
-            *server,
+            str(self.mount_point),
+            *command,
         ]
+
+    def _filler(self, pid: int) -> Path:
+        return Path(f"/proc/{pid}/root") / str(self.mount_point).lstrip("/") / "filler"
+
+    def fill(self, pid: int) -> None:
+        """Write until the disk has no room left; again to take up whatever
+        the server freed since."""
+        with open(self._filler(pid), "ab") as filler:
+            block = b"\0" * 65536
+            with contextlib.suppress(OSError):
+                while True:
+                    filler.write(block)
+                    filler.flush()
+
+    def free(self, pid: int) -> None:
+        self._filler(pid).unlink()
+
+
+class OnSmallDisk(ManagedProcess):
+    """A server on a :class:`SmallDisk` of ``disk_size`` in its temp dir;
+    its ``_command`` wraps the server's in ``self.disk.wrap``."""
+
+    disk_size = "4m"
+
+    @property
+    def disk(self) -> SmallDisk:
+        assert self.tmp_dir is not None
+        return SmallDisk(self.tmp_dir / "disk", self.disk_size)
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        self.disk.mount_point.mkdir()
+
+
+class RedisOnSmallDisk(OnSmallDisk, RedisServer):
+    """A redis-server that keeps an append-only file on a :class:`SmallDisk`,
+    which ``fill_disk()`` fills and ``free_disk()`` frees again.
+
+    While the disk is full, Redis refuses every write with ``MISCONF Errors
+    writing to the AOF file: No space left on device``, as a production Redis
+    does, and keeps what it already holds; it retries the file every second
+    once there is room.
+    """
+
+    name = "redis-small-disk"
+
+    def _command(self) -> list[str]:
+        server = super()._command()
+        # --dir on the new disk, and an append-only file to write there.
+        at = server.index("--dir")
+        server[at + 1] = str(self.disk.mount_point)
+        at = server.index("--appendonly")
+        server[at + 1] = "yes"
+        return self.disk.wrap(server)
 
     def _persistence(self) -> str:
         """The ``INFO persistence`` section (a RESP bulk string: ``$<length>``, then the text)."""
@@ -635,12 +672,7 @@ class RedisOnSmallDisk(RedisServer):
 
     def fill_disk(self, timeout: float = 10.0) -> None:
         """Fill the disk, then write until Redis reports its file unwritable."""
-        with open(self._filler, "wb") as filler:
-            block = b"\0" * 65536
-            with contextlib.suppress(OSError):
-                while True:
-                    filler.write(block)
-                    filler.flush()
+        self.disk.fill(self.pid)
         # The file's last page may still have room; one larger write needs more.
         deadline = time.monotonic() + timeout
         value = b"x" * 16384
@@ -658,7 +690,7 @@ class RedisOnSmallDisk(RedisServer):
 
     def free_disk(self, timeout: float = 10.0) -> None:
         """Remove the filler; return once Redis writes its file again."""
-        self._filler.unlink()
+        self.disk.free(self.pid)
         self._poll_until(
             lambda: not self.aof_writes_fail(), time.monotonic() + timeout, "AOF writes again"
         )
@@ -899,6 +931,42 @@ class AsgiServer(ManagedProcess):
             deadline,
             f"GET {self.ready_path}",
         )
+
+
+class AsgiServerWithEventsOnSmallDisk(OnSmallDisk, AsgiServer):
+    """An :class:`AsgiServer` whose stored envelopes live in a SQLite
+    database of their own (``VERITY_EVENTS_SQLITE_PATH``, routed by
+    ``testproject.routers``) on a :class:`SmallDisk`, while the project's
+    own database stays on a disk with room: a full disk fails the storage's
+    writes and nothing else. ``events_template``, a migrated events
+    database, is copied onto the disk at each start (a restart mounts a new,
+    empty disk).
+    """
+
+    name = "asgi-small-disk"
+    disk_size = "2m"
+
+    def __init__(
+        self,
+        events_template: Path,
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        super().__init__(env, port)
+        self.events_template = events_template
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        self.env["VERITY_EVENTS_SQLITE_PATH"] = str(self.disk.mount_point / "events.sqlite3")
+
+    def _command(self) -> list[str]:
+        return self.disk.wrap(super()._command(), copy=[(self.events_template, "events.sqlite3")])
+
+    def fill_disk(self) -> None:
+        self.disk.fill(self.pid)
+
+    def free_disk(self) -> None:
+        self.disk.free(self.pid)
 
 
 # --------------------------------------------------------------------------

@@ -6,6 +6,9 @@ Redis, Pushpin):
 
 - ``VERITY_DATABASE_URL``: ``postgres://user@host:port/name``; SQLite otherwise.
 - ``VERITY_SQLITE_PATH``: where the SQLite file lives (default ``db.sqlite3``).
+- ``VERITY_EVENTS_SQLITE_PATH``: keep the stored envelopes in a SQLite database
+  of their own there (``testproject.routers``); migrate it with
+  ``migrate --database events``.
 - ``VERITY_REDIS``: ``host:port`` of a redis-server for cross-process fan-out
   and event storage.
 - ``VERITY_REDIS_PUBSUB``: another ``host:port`` for the pub/sub connections
@@ -70,21 +73,25 @@ TEMPLATES = [
 ]
 
 
+def _sqlite(name: str) -> dict[str, object]:
+    return {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": name,
+        # Several processes (server, management commands) share one file:
+        # WAL lets the event tailer read while requests write, and
+        # IMMEDIATE takes the write lock up front instead of failing late.
+        "OPTIONS": {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
+    }
+
+
 def _database() -> dict[str, object]:
     url = os.environ.get("VERITY_DATABASE_URL")
     if not url:
-        return {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": os.environ.get("VERITY_SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
-            # Several processes (server, management commands) share one file:
-            # WAL lets the event tailer read while requests write, and
-            # IMMEDIATE takes the write lock up front instead of failing late.
-            "OPTIONS": {
-                "timeout": 20,
-                "transaction_mode": "IMMEDIATE",
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-            },
-        }
+        return _sqlite(os.environ.get("VERITY_SQLITE_PATH", str(BASE_DIR / "db.sqlite3")))
     parts = urlsplit(url)
     return {
         "ENGINE": "django.db.backends.postgresql",
@@ -100,6 +107,9 @@ def _database() -> dict[str, object]:
 
 
 DATABASES = {"default": _database()}
+if os.environ.get("VERITY_EVENTS_SQLITE_PATH"):
+    DATABASES["events"] = _sqlite(os.environ["VERITY_EVENTS_SQLITE_PATH"])
+    DATABASE_ROUTERS = ["testproject.routers.EventsRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 STATIC_URL = "/static/"

@@ -28,6 +28,7 @@ import pytest
 
 from liveservers.processes import (
     AsgiServer,
+    AsgiServerWithEventsOnSmallDisk,
     ManagedProcess,
     PostgresServer,
     Pushpin,
@@ -179,6 +180,7 @@ class AsgiServerFactory(Protocol):
         *,
         port: int | None = None,
         prepare: bool = True,
+        events_on_small_disk: Path | None = None,
     ) -> AsgiServer: ...
 
 
@@ -239,7 +241,10 @@ def asgi_server_factory(
     between servers). Unless ``prepare=False``, each database is migrated and
     seeded (demo users alice and bob) the first time it is used: a new SQLite
     file is a copy of one prepared once per session.
-    The database env the server got is in ``server.env``.
+    The database env the server got is in ``server.env``. With
+    ``events_on_small_disk`` (a migrated events database), the stored
+    envelopes live in a copy of it on a disk of the server's own
+    (:class:`AsgiServerWithEventsOnSmallDisk`).
     """
     started: list[ManagedProcess] = []
 
@@ -249,6 +254,7 @@ def asgi_server_factory(
         *,
         port: int | None = None,
         prepare: bool = True,
+        events_on_small_disk: Path | None = None,
     ) -> AsgiServer:
         server_env = dict(env or {})
         new_sqlite_file: Path | None = None
@@ -267,7 +273,11 @@ def asgi_server_factory(
             else:
                 prepare_database(server_env)
             _prepared_databases.add(database_key)
-        server = AsgiServer(env=server_env, port=port)
+        server = (
+            AsgiServer(env=server_env, port=port)
+            if events_on_small_disk is None
+            else AsgiServerWithEventsOnSmallDisk(events_on_small_disk, server_env, port)
+        )
         started.append(server)
         return server.start()
 

@@ -1,7 +1,8 @@
 """The publisher against transports that accept connections and never answer.
 
 A black-hole TCP listener stands in for Redis, and separately for Pushpin's
-control port; a real redis-server whose disk fills up stands in for a
+control port; a real redis-server whose disk fills up, and a SQLite
+database of the envelopes' own on a disk that fills up, stand in for a
 storage that refuses writes. Mutations must still answer (each with its pull
 directives) and a concurrent one must not queue behind the first; once the
 transport is back, every envelope is stored exactly once, in seq order.
@@ -9,9 +10,11 @@ transport is back, every envelope is stored exactly once, in seq order.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +22,8 @@ import pytest
 
 from liveservers.processes import (
     LOOPBACK,
+    AsgiServer,
+    AsgiServerWithEventsOnSmallDisk,
     RedisOnSmallDisk,
     RedisServer,
     free_port,
@@ -122,6 +127,79 @@ async def test_a_black_hole_pushpin_control_port_never_holds_up_requests(
         hole.close()
 
 
+class _Watched:
+    """alice mutating todo 1 while a client watches her own audience: what
+    each mutation pulled, and what the client received."""
+
+    def __init__(
+        self, server: AsgiServer, cookies: httpx.Cookies, audience: str, watcher: VerityConsumer
+    ) -> None:
+        self.server = server
+        self.cookies = cookies
+        self.audience = audience
+        self.watcher = watcher
+        self.start = watcher.hellos[0].last_seq
+        self.pulled: list[list[dict[str, Any]]] = []
+        self.concurrent: int | None = None
+
+    async def mutate(self, title: str) -> None:
+        self.pulled.append(await _in_thread(mutate, self.server.base_url, self.cookies, 1, title))
+
+    async def mutate_concurrently(self, titles: list[str]) -> None:
+        self.concurrent = len(self.pulled)
+        self.pulled += await _in_thread(
+            mutate_concurrently, self.server.base_url, self.cookies, titles
+        )
+
+    async def all_arrived(self, timeout: float) -> None:
+        count = len(self.pulled)
+        await self.watcher.wait_for(
+            lambda c: len(c.received.get(self.audience, [])) >= count, timeout
+        )
+
+    async def after_recovery(self) -> None:
+        await self.mutate("after")
+        await self.all_arrived(30)
+        # One more, once the rest is in: a copy sent twice would arrive before it.
+        await self.mutate("last")
+        await self.all_arrived(15)
+
+    def assert_every_envelope_once_in_order(self) -> None:
+        """Nothing for the client to resync, and each envelope carries the
+        idempotency keys of its pull copy (the concurrent pair in either order)."""
+        watcher = self.watcher
+        seqs = list(range(self.start + 1, self.start + len(self.pulled) + 1))
+        assert watcher.received[self.audience] == seqs
+        assert (watcher.gaps, watcher.resyncs, watcher.duplicates, watcher.errors) == (
+            [],
+            [],
+            [],
+            [],
+        )
+        keys = [{x["idempotency_key"] for x in e.directives} for e in watcher.envelopes]
+        expected = [{x["idempotency_key"] for x in directives} for directives in self.pulled]
+        assert self.concurrent is not None
+        pair = slice(self.concurrent, self.concurrent + 2)
+        assert keys[: pair.start] == expected[: pair.start]
+        assert sorted(map(sorted, keys[pair])) == sorted(map(sorted, expected[pair]))
+        assert keys[pair.stop :] == expected[pair.stop :]
+
+
+@contextlib.asynccontextmanager
+async def _watched_by_alice(server: AsgiServer, login: Login) -> AsyncIterator[_Watched]:
+    """alice's session and a client on her audience, which has received
+    her first mutation."""
+    cookies = login(server.base_url, "alice", "alice-password")
+    me = httpx.get(f"{server.base_url}/api/auth/me/", cookies=cookies).json()
+    audience = f"user-{me['id']}"
+    async with VerityConsumer(server.base_url, (audience,), "window-b", cookies) as watcher:
+        await watcher.wait_for(lambda c: len(c.hellos) >= 1, 15)
+        watched = _Watched(server, cookies, audience, watcher)
+        await watched.mutate("before")
+        await watched.all_arrived(15)
+        yield watched
+
+
 @pytest.fixture
 def redis_on_small_disk() -> Iterator[RedisOnSmallDisk]:
     with RedisOnSmallDisk(binary=require_binary("redis-server")) as server:
@@ -137,45 +215,79 @@ async def test_a_full_disk_under_redis_fails_no_request_and_loses_no_envelope(
     its data, so once there is room again the stream goes on with no gap."""
     redis_server = redis_on_small_disk
     server = asgi_server_factory({"VERITY_REDIS": redis_server.address})
-    cookies = login(server.base_url, "alice", "alice-password")
-    me = httpx.get(f"{server.base_url}/api/auth/me/", cookies=cookies).json()
-    audience = f"user-{me['id']}"
-
-    def received(count: int) -> Callable[[VerityConsumer], bool]:
-        return lambda c: len(c.received.get(audience, [])) >= count
-
-    async with VerityConsumer(server.base_url, (audience,), "window-b", cookies) as watcher:
-        await watcher.wait_for(lambda c: len(c.hellos) >= 1, 15)
-        start = watcher.hellos[0].last_seq
-        pulled = [await _in_thread(mutate, server.base_url, cookies, 1, "before")]
-        await watcher.wait_for(received(1), 15)
+    async with _watched_by_alice(server, login) as watched:
         log_before = len(server.log_text())
         await _in_thread(redis_server.fill_disk)
-        pulled += await _in_thread(mutate_concurrently, server.base_url, cookies, ["a", "b"])
+        await watched.mutate_concurrently(["a", "b"])
         for i in range(3):
-            pulled.append(await _in_thread(mutate, server.base_url, cookies, 1, f"full-{i}"))
+            await watched.mutate(f"full-{i}")
         while_full = server.log_text()[log_before:]
         assert await _in_thread(redis_server.aof_writes_fail)
         await _in_thread(redis_server.free_disk)
-        pulled.append(await _in_thread(mutate, server.base_url, cookies, 1, "after"))
-        await watcher.wait_for(received(len(pulled)), 30)
-        # One more, once the rest is in: a copy sent twice would arrive before it.
-        pulled.append(await _in_thread(mutate, server.base_url, cookies, 1, "last"))
-        await watcher.wait_for(received(len(pulled)), 15)
+        await watched.after_recovery()
 
     assert (
-        f"could not store an envelope for audience '{audience}' (ResponseError: MISCONF"
+        f"could not store an envelope for audience '{watched.audience}' (ResponseError: MISCONF"
         in while_full
     ), while_full
-    # Every envelope exactly once, in seq order, with nothing for the client
-    # to resync; each carries the idempotency keys of its pull copy.
-    assert watcher.received[audience] == list(range(start + 1, start + len(pulled) + 1))
-    assert (watcher.gaps, watcher.resyncs, watcher.duplicates, watcher.errors) == ([], [], [], [])
-    keys = [{x["idempotency_key"] for x in e.directives} for e in watcher.envelopes]
-    expected = [{x["idempotency_key"] for x in directives} for directives in pulled]
-    assert keys[0] == expected[0]
-    assert sorted(map(sorted, keys[1:3])) == sorted(map(sorted, expected[1:3]))
-    assert keys[3:] == expected[3:]
+    watched.assert_every_envelope_once_in_order()
+
+
+@pytest.fixture
+def events_template(tmp_path: Path) -> Path:
+    """A migrated database for the stored envelopes alone."""
+    path = tmp_path / "events.sqlite3"
+    env = {
+        "VERITY_SQLITE_PATH": str(tmp_path / "not-migrated.sqlite3"),
+        "VERITY_EVENTS_SQLITE_PATH": str(path),
+    }
+    run_manage("migrate", "--database", "events", "--noinput", env=env, check=True)
+    return path
+
+
+async def test_a_full_disk_under_the_storage_database_fails_no_request_and_loses_no_envelope(
+    asgi_server_factory: AsgiServerFactory, login: Login, events_template: Path
+) -> None:
+    """The stored envelopes live in a SQLite database of their own whose disk
+    fills up: the project's writes go on and answer with their pull
+    directives, the appends fail and wait, and once there is room the stream
+    goes on with no gap."""
+    server = asgi_server_factory(events_on_small_disk=events_template)
+    assert isinstance(server, AsgiServerWithEventsOnSmallDisk)
+    async with _watched_by_alice(server, login) as watched:
+        failed_store = f"could not store an envelope for audience '{watched.audience}'"
+        log_before = len(server.log_text())
+        await _in_thread(server.fill_disk)
+        # SQLite may still write into room its files already hold, and finds
+        # some again after a failure: mutate until an append fails, within a
+        # bound, and take up whatever was freed before each step.
+        for i in range(20):
+            await watched.mutate(f"full-{i}")
+            await _sleep(0.2)
+            if failed_store in server.log_text()[log_before:]:
+                break
+            await _in_thread(server.fill_disk)
+        else:
+            pytest.fail("every append still succeeded on a full disk")
+        first_failed = len(watched.pulled) - 1
+        await _in_thread(server.fill_disk)
+        await watched.mutate_concurrently(["a", "b"])
+        await _in_thread(server.fill_disk)
+        await watched.mutate("still-full")
+        # The disk stays full until the retries have met all of them.
+        waiting = f"; {len(watched.pulled) - first_failed} envelope(s) wait"
+        for _ in range(100):
+            await _in_thread(server.fill_disk)
+            if waiting in server.log_text()[log_before:]:
+                break
+            await _sleep(0.1)
+        while_full = server.log_text()[log_before:]
+        await _in_thread(server.free_disk)
+        await watched.after_recovery()
+
+    assert f"{failed_store} (OperationalError: database or disk is full" in while_full, while_full
+    assert waiting in while_full, while_full
+    watched.assert_every_envelope_once_in_order()
 
 
 async def test_a_management_command_envelope_reaches_a_connected_client(
